@@ -1,0 +1,93 @@
+//! Proves the parser allocates nothing: a counting global allocator watches
+//! this thread while the whole fixture corpus is parsed, twice (as single
+//! messages and as one datagram per capture).
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::hint::black_box;
+
+use conntrack_metrics::wire::{CtEvent, Datagram, Message};
+
+thread_local! {
+    // Const-initialised: reading it never allocates.
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+struct CountingAllocator;
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the only
+// addition is a thread-local counter, which neither allocates nor re-enters.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller's contract for `alloc` is passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` above with this `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller's contract for `realloc` is passed on as is.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+#[test]
+fn parsing_the_whole_fixture_corpus_allocates_nothing() {
+    let corpus: Vec<Vec<Vec<u8>>> = common::CAPTURES
+        .iter()
+        .map(|n| common::datagrams(n))
+        .collect();
+    let joined: Vec<Vec<u8>> = corpus.iter().map(|c| c.concat()).collect();
+
+    // The counter itself must see allocations, or the test proves nothing.
+    let before = allocations();
+    black_box(vec![1u8; 64]);
+    assert!(
+        allocations() > before,
+        "the counting allocator is not installed"
+    );
+
+    let before = allocations();
+    let mut events = 0u64;
+    let mut errors = 0u64;
+    for datagrams in &corpus {
+        for d in datagrams {
+            match black_box(CtEvent::parse(black_box(d))) {
+                Ok(_) => events += 1,
+                Err(e) => {
+                    black_box(e);
+                    errors += 1
+                }
+            }
+        }
+    }
+    for d in &joined {
+        for m in Datagram::new(black_box(d)) {
+            match black_box(m) {
+                Ok(Message::Event(_)) => events += 1,
+                _ => errors += 1,
+            }
+        }
+    }
+    // A malformed message costs no allocation either (typed, Copy errors).
+    for d in &corpus[0] {
+        let cut = &d[..d.len() / 2];
+        errors += u64::from(black_box(CtEvent::parse(cut)).is_err());
+    }
+    let during = allocations() - before;
+    assert_eq!(during, 0, "{during} allocations while parsing");
+    assert_eq!(events, 2 * 1962);
+    assert_eq!(errors, corpus[0].len() as u64);
+}
