@@ -14,9 +14,15 @@
 //!   malformed message is a typed [`wire::WireError`], and the walk over a
 //!   datagram goes on after a bad event.
 //!
-//! Only `wire` exists so far; the other stages are the next issues' work.
+//! - `sys`: the only `unsafe` code; one `recvmmsg` per batch into buffers
+//!   allocated at start.
+//!
+//! `sys` and `wire` exist so far; `flow`, `stats` and `expo` are the next
+//! stages.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod config;
+pub mod sys;
 pub mod wire;

@@ -6,6 +6,7 @@
 //! Never: allocates, panics on any input, or decides what an event means for a
 //! flow (that is `flow/`). Unknown attributes are skipped, not errors.
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::netlink::{NetlinkHeader, NLMSG_HDRLEN, NLM_F_CREATE, NLM_F_EXCL};
@@ -147,6 +148,13 @@ impl Status {
     #[inline]
     pub fn has(self, bits: u32) -> bool {
         self.0 & bits == bits
+    }
+}
+
+impl fmt::Display for Status {
+    /// Hexadecimal, as `0x3ae`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
     }
 }
 
@@ -462,6 +470,91 @@ fn parse_timestamp(nest: Nla<'_>) -> Result<Timestamp, WireError> {
         }
     }
     Ok(ts)
+}
+
+/// Writes `key=value`, or nothing when the value is absent.
+struct Field<'a, T>(&'a str, Option<T>);
+
+impl<T: fmt::Display> fmt::Display for Field<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.1 {
+            Some(v) => write!(f, " {}={}", self.0, v),
+            None => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Tuple {
+    /// `proto=6 src=10.0.0.1 dst=10.96.0.10 sport=40000 dport=80`, absent
+    /// fields left out (the `conntrack -E` spelling of a tuple).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}{}{}{}{}{}{}{}{}",
+            Field("proto", self.proto),
+            Field("src", self.src),
+            Field("dst", self.dst),
+            Field("sport", self.src_port),
+            Field("dport", self.dst_port),
+            Field("icmp_id", self.icmp_id),
+            Field("icmp_type", self.icmp_type),
+            Field("icmp_code", self.icmp_code),
+            Field("zone", self.zone),
+        )
+    }
+}
+
+impl fmt::Display for CtEvent {
+    /// One line: `[DESTROY] family=2 id=7 status=0x3ae state=TIME_WAIT
+    /// event_ns=... orig: proto=6 src=... reply: ... counters_orig: packets=5
+    /// bytes=346 ... timestamp: start=... stop=...`; absent fields left out.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            EventKind::New => "NEW",
+            EventKind::Update => "UPDATE",
+            EventKind::Destroy => "DESTROY",
+        };
+        write!(
+            f,
+            "[{kind}] family={}{}{}{}{}{}{}{}",
+            self.family,
+            Field("id", self.id),
+            Field("status", self.status),
+            Field("state", self.tcp_state.map(TcpState::name)),
+            Field("timeout", self.timeout),
+            Field("mark", self.mark),
+            Field("zone", self.zone),
+            Field("event_ns", self.timestamp_event),
+        )?;
+        if let Some(t) = &self.orig {
+            write!(f, " orig:{t}")?;
+        }
+        if let Some(t) = &self.reply {
+            write!(f, " reply:{t}")?;
+        }
+        for (name, c) in [
+            ("counters_orig", &self.counters_orig),
+            ("counters_reply", &self.counters_reply),
+        ] {
+            if let Some(c) = c {
+                write!(
+                    f,
+                    " {name}:{}{}",
+                    Field("packets", c.packets),
+                    Field("bytes", c.bytes)
+                )?;
+            }
+        }
+        if let Some(ts) = &self.timestamp {
+            write!(
+                f,
+                " timestamp:{}{}",
+                Field("start", ts.start),
+                Field("stop", ts.stop)
+            )?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -846,6 +939,28 @@ mod tests {
             Ok(Message::Event(CtEvent { id: Some(9), .. }))
         ));
         assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn display_is_one_line_with_absent_fields_left_out() {
+        let mut ev = CtEvent::empty(EventKind::Destroy, AF_INET6);
+        ev.id = Some(7);
+        ev.tcp_state = Some(TcpState::TIME_WAIT);
+        ev.orig = Some(Tuple {
+            proto: Some(6),
+            dst: Some("fd00::a".parse().unwrap()),
+            dst_port: Some(80),
+            ..Tuple::default()
+        });
+        ev.counters_reply = Some(Counters {
+            packets: Some(2),
+            bytes: None,
+        });
+        assert_eq!(
+            ev.to_string(),
+            "[DESTROY] family=10 id=7 state=TIME_WAIT orig: proto=6 dst=fd00::a dport=80 \
+             counters_reply: packets=2"
+        );
     }
 
     fn addr(v6: bool) -> impl Strategy<Value = IpAddr> {

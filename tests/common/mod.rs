@@ -15,6 +15,8 @@ pub const CAPTURES: [&str; 6] = [
     "udp_unreplied_sink",
 ];
 
+pub mod netns;
+
 pub fn fixture_path(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")

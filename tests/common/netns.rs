@@ -1,0 +1,181 @@
+//! A virtual Kubernetes node in network namespaces, for end-to-end tests
+//! against the real kernel conntrack:
+//!
+//! ```text
+//!  client ns                     node ns (exporter, nftables DNAT)            backend ns
+//!  10.200.1.2  ──veth──  10.200.1.1 | 10.200.2.1  ──veth──  10.200.2.2
+//!  fd00:1::2                     fd00:1::1 | fd00:2::1                 fd00:2::2
+//!               ClusterIPs 10.96.0.10 and fd00:96::10 -> the backend
+//! ```
+//!
+//! Traffic only ever goes to addresses assigned here. Dropping the node kills
+//! every process it started and deletes its namespaces, also when a test fails.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `cmd` (whitespace-separated, no quoting) and panics with its stderr on failure.
+pub fn sh(cmd: &str) {
+    let parts: Vec<&str> = cmd.split_whitespace().collect();
+    run(&parts);
+}
+
+pub fn run(argv: &[&str]) -> String {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{argv:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether this test can build namespaces (root with `ip` and `nft`). When it
+/// cannot, the test fails, unless `CONNTRACK_METRICS_SKIP_KERNEL_TESTS=1`,
+/// in which case it says so and the caller returns.
+pub fn kernel_tests_possible() -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let tools = ["ip", "nft", "conntrack", "python3"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if root && tools {
+        return true;
+    }
+    let why = format!(
+        "kernel tests need root and ip, nft, conntrack, python3 (root: {root}, tools: {tools})"
+    );
+    if std::env::var("CONNTRACK_METRICS_SKIP_KERNEL_TESTS").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: {why}");
+        false
+    } else {
+        panic!("{why}; run as root via tests/run.sh, or set CONNTRACK_METRICS_SKIP_KERNEL_TESTS=1");
+    }
+}
+
+pub struct VirtualNode {
+    pub client: String,
+    pub node: String,
+    pub backend: String,
+    children: Vec<Child>,
+}
+
+impl VirtualNode {
+    pub fn new() -> VirtualNode {
+        let tag = format!(
+            "ctm{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let vn = VirtualNode {
+            client: format!("{tag}-client"),
+            node: format!("{tag}-node"),
+            backend: format!("{tag}-backend"),
+            children: Vec::new(),
+        };
+        for ns in [&vn.client, &vn.node, &vn.backend] {
+            sh(&format!("ip netns add {ns}"));
+            sh(&format!("ip -n {ns} link set lo up"));
+        }
+        let (c, n, b) = (&vn.client, &vn.node, &vn.backend);
+        sh(&format!(
+            "ip -n {n} link add c0 type veth peer name eth0 netns {c}"
+        ));
+        sh(&format!(
+            "ip -n {n} link add b0 type veth peer name eth0 netns {b}"
+        ));
+        for (ns, dev, v4, v6) in [
+            (n, "c0", "10.200.1.1/24", "fd00:1::1/64"),
+            (n, "b0", "10.200.2.1/24", "fd00:2::1/64"),
+            (c, "eth0", "10.200.1.2/24", "fd00:1::2/64"),
+            (b, "eth0", "10.200.2.2/24", "fd00:2::2/64"),
+        ] {
+            sh(&format!("ip -n {ns} addr add {v4} dev {dev}"));
+            sh(&format!("ip -n {ns} -6 addr add {v6} dev {dev} nodad"));
+            sh(&format!("ip -n {ns} link set {dev} up"));
+        }
+        for (ns, v4, v6) in [
+            (c, "10.200.1.1", "fd00:1::1"),
+            (b, "10.200.2.1", "fd00:2::1"),
+        ] {
+            sh(&format!("ip -n {ns} route add default via {v4}"));
+            sh(&format!("ip -n {ns} -6 route add default via {v6}"));
+        }
+        for key in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.netfilter.nf_conntrack_acct=1",
+            "net.netfilter.nf_conntrack_timestamp=1",
+        ] {
+            sh(&format!("ip netns exec {n} sysctl -qw {key}"));
+        }
+        vn
+    }
+
+    /// Loads an nftables ruleset (nft -f syntax) into the node namespace.
+    pub fn nft(&self, ruleset: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.node, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(ruleset.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts `argv` inside `ns`; it is killed when the node is dropped.
+    pub fn spawn(&mut self, ns: &str, argv: &[&str], stdout: Stdio, stderr: Stdio) -> &mut Child {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        self.children.push(child);
+        self.children.last_mut().unwrap()
+    }
+
+    /// Runs `argv` inside `ns` to completion; panics on failure.
+    pub fn exec(&self, ns: &str, argv: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", ns];
+        full.extend_from_slice(argv);
+        run(&full)
+    }
+}
+
+impl Drop for VirtualNode {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in [&self.client, &self.node, &self.backend] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
