@@ -13,7 +13,7 @@ use clap::Parser;
 
 use conntrack_metrics::config::Config;
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch, RecvError};
-use conntrack_metrics::wire::{Datagram, EventKind, Message};
+use conntrack_metrics::wire::{CtEvent, Datagram, EventKind, Message};
 
 /// Bytes per receive slot: one page, as the kernel never sends a conntrack
 /// event larger than that.
@@ -59,6 +59,7 @@ fn main() -> ExitCode {
 fn run(socket: &ConntrackSocket, config: &Config) -> io::Result<()> {
     let mut batch = RecvBatch::new(config.recv_batch, SLOT_BYTES);
     let mut tally = Tally::default();
+    let mut event = CtEvent::empty(EventKind::New, 0);
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut last_report = Instant::now();
     loop {
@@ -77,16 +78,17 @@ fn run(socket: &ConntrackSocket, config: &Config) -> io::Result<()> {
                 tally.truncated += 1;
                 continue;
             }
-            for message in Datagram::new(received.bytes) {
+            let mut walk = Datagram::new(received.bytes);
+            while let Some(message) = walk.next_into(&mut event) {
                 match message {
-                    Ok(Message::Event(ev)) => {
-                        match ev.kind {
+                    Ok(Message::Event(())) => {
+                        match event.kind {
                             EventKind::New => tally.new += 1,
                             EventKind::Update => tally.update += 1,
                             EventKind::Destroy => tally.destroy += 1,
                         }
                         if config.print_events {
-                            writeln!(out, "{ev}")?;
+                            writeln!(out, "{event}")?;
                         }
                     }
                     Ok(Message::Overrun) => tally.overruns += 1,

@@ -7,7 +7,7 @@
 //! Never: allocates, panics on any input, or stops at a bad event when the
 //! framing around it is intact (the next message is still yielded).
 
-use super::ctnetlink::CtEvent;
+use super::ctnetlink::{CtEvent, EventKind};
 use super::nla::align4;
 use super::WireError;
 
@@ -44,6 +44,7 @@ pub struct NetlinkHeader {
 impl NetlinkHeader {
     /// Reads the header at the start of `buf` and checks `nlmsg_len` against
     /// `buf`. Returns the header and the message's bytes (header included).
+    #[inline]
     pub fn parse(buf: &[u8]) -> Result<(NetlinkHeader, &[u8]), WireError> {
         let Some(h) = buf.first_chunk::<NLMSG_HDRLEN>() else {
             return Err(WireError::Truncated {
@@ -73,12 +74,17 @@ impl NetlinkHeader {
 }
 
 /// What one netlink message is, as far as the exporter cares.
+///
+/// `E` is what an event carries: the [`CtEvent`] itself (the default, from
+/// [`Message::parse`] and the [`Datagram`] iterator), or `()` when the event
+/// was parsed into the caller's slot ([`Message::parse_into`],
+/// [`Datagram::next_into`]: the hot path, which copies nothing).
 // The event is kept inline on purpose: boxing it would allocate per event.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Message {
+pub enum Message<E = CtEvent> {
     /// A conntrack NEW, UPDATE or DESTROY event.
-    Event(CtEvent),
+    Event(E),
     /// `NLMSG_ERROR` with a non-zero error: the positive errno (e.g. `ENOBUFS`).
     Error {
         /// Positive errno value.
@@ -97,14 +103,39 @@ pub enum Message {
     },
 }
 
+impl<E> Message<E> {
+    /// The same message with `event` in place of what an event carried.
+    #[inline]
+    pub fn with_event<F>(self, event: F) -> Message<F> {
+        match self {
+            Message::Event(_) => Message::Event(event),
+            Message::Error { errno } => Message::Error { errno },
+            Message::Ack => Message::Ack,
+            Message::Done => Message::Done,
+            Message::Overrun => Message::Overrun,
+            Message::Other { nlmsg_type } => Message::Other { nlmsg_type },
+        }
+    }
+}
+
 impl Message {
     /// Classifies one whole netlink message (header included) and, if it is a
     /// conntrack event, parses it.
+    #[inline]
     pub fn parse(msg: &[u8]) -> Result<Message, WireError> {
+        let mut ev = CtEvent::empty(EventKind::New, 0);
+        Message::parse_into(msg, &mut ev).map(|m| m.with_event(ev))
+    }
+
+    /// Classifies one whole netlink message (header included); a conntrack
+    /// event is parsed into `ev` (every field overwritten) and reported as
+    /// `Message::Event(())`. Other messages leave `ev` alone.
+    #[inline]
+    pub fn parse_into(msg: &[u8], ev: &mut CtEvent) -> Result<Message<()>, WireError> {
         let (header, msg) = NetlinkHeader::parse(msg)?;
         match header.kind {
             NLMSG_ERROR => {
-                let body = &msg[NLMSG_HDRLEN..];
+                let body = msg.get(NLMSG_HDRLEN..).unwrap_or_default();
                 let Some(err) = body.first_chunk::<4>() else {
                     return Err(WireError::Truncated {
                         what: "nlmsgerr",
@@ -121,7 +152,7 @@ impl Message {
             NLMSG_DONE => Ok(Message::Done),
             NLMSG_OVERRUN => Ok(Message::Overrun),
             kind if CtEvent::is_event_type(kind) => {
-                CtEvent::parse_body(&header, msg).map(Message::Event)
+                CtEvent::parse_body_into(&header, msg, ev).map(|()| Message::Event(()))
             }
             nlmsg_type => Ok(Message::Other { nlmsg_type }),
         }
@@ -144,13 +175,12 @@ impl<'a> Datagram<'a> {
     pub fn new(buf: &'a [u8]) -> Self {
         Datagram { rest: buf }
     }
-}
 
-impl Iterator for Datagram<'_> {
-    type Item = Result<Message, WireError>;
-
+    /// The next message, with a conntrack event parsed into `ev` (see
+    /// [`Message::parse_into`]); `None` after the last one. The hot path: the
+    /// event is written once, where the caller keeps it.
     #[inline]
-    fn next(&mut self) -> Option<Self::Item> {
+    pub fn next_into(&mut self, ev: &mut CtEvent) -> Option<Result<Message<()>, WireError>> {
         if self.rest.is_empty() {
             return None;
         }
@@ -161,10 +191,20 @@ impl Iterator for Datagram<'_> {
             }
             Ok((_, msg)) => {
                 let step = align4(msg.len()).min(self.rest.len());
-                self.rest = &self.rest[step..];
-                Some(Message::parse(msg))
+                self.rest = self.rest.get(step..).unwrap_or_default();
+                Some(Message::parse_into(msg, ev))
             }
         }
+    }
+}
+
+impl Iterator for Datagram<'_> {
+    type Item = Result<Message, WireError>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut ev = CtEvent::empty(EventKind::New, 0);
+        self.next_into(&mut ev).map(|m| m.map(|m| m.with_event(ev)))
     }
 }
 
@@ -201,6 +241,25 @@ mod tests {
                 Ok(Message::Other { nlmsg_type: 1 }),
                 Ok(Message::Other { nlmsg_type: 0x0200 }),
             ]
+        );
+    }
+
+    #[test]
+    fn next_into_reports_events_in_the_slot_and_control_messages_as_they_are() {
+        let mut d = control(NLMSG_DONE, &[0; 4]);
+        d.extend(control(NLMSG_ERROR, &(-105i32).to_ne_bytes()));
+        let mut ev = CtEvent::empty(EventKind::Destroy, 7);
+        let mut walk = Datagram::new(&d);
+        assert_eq!(walk.next_into(&mut ev), Some(Ok(Message::Done)));
+        assert_eq!(
+            walk.next_into(&mut ev),
+            Some(Ok(Message::Error { errno: 105 }))
+        );
+        assert_eq!(walk.next_into(&mut ev), None);
+        assert_eq!(
+            ev,
+            CtEvent::empty(EventKind::Destroy, 7),
+            "untouched by control messages"
         );
     }
 
