@@ -364,8 +364,6 @@ impl CtEvent {
 
     /// Parses an event whose header was already read into `ev` (every field
     /// is overwritten); `msg` is the whole message, `nlmsg_len` bytes long.
-    /// Callers build the event where it will be returned, so it is not
-    /// copied on the way out (it is about 260 bytes).
     #[inline]
     pub(crate) fn parse_body_into(
         header: &NetlinkHeader,
