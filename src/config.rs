@@ -6,6 +6,7 @@
 
 use clap::builder::TypedValueParser;
 use clap::Parser;
+use std::net::SocketAddr;
 
 /// Default receive-buffer request: 64 MiB, which the kernel doubles to 128 MiB,
 /// room for about 100,000 queued events (each takes about 1,280 bytes of
@@ -31,6 +32,41 @@ pub struct Config {
     #[arg(long, default_value_t = 64,
           value_parser = clap::value_parser!(u16).range(1..=1024).map(usize::from))]
     pub recv_batch: usize,
+
+    /// Address the HTTP endpoint listens on (/metrics, /healthz, /readyz).
+    #[arg(long, default_value = "0.0.0.0:9000")]
+    pub metrics_bind_address: SocketAddr,
+
+    /// Value of the `node` label on every metric (the DaemonSet passes the
+    /// node name from the downward API).
+    #[arg(long, default_value = "")]
+    pub node_name: String,
+
+    /// Minutes of observations the summary quantiles cover (a sliding
+    /// window), 1 to 100.
+    #[arg(long, default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub summary_timeout: u32,
+
+    /// Statistics shards: one per writer thread, written without locks and
+    /// merged on each scrape. Default: the number of CPUs this process may
+    /// run on.
+    #[arg(long, default_value_t = default_shards(),
+          value_parser = clap::value_parser!(u16).range(1..=1024).map(usize::from))]
+    pub stats_shards: usize,
+
+    /// Also expose the original exporter's counters and summaries under its
+    /// names (`events_counter`, `error_counter`, `no_bufs_counter`,
+    /// `service_*_summary`), for dashboards not yet moved to `events_total`,
+    /// `errors_total`, `netlink_overruns_total` and `service_*_window_*`.
+    /// Those names break Prometheus naming rules (`promtool check metrics`
+    /// reports them). The original's histograms keep their names always.
+    #[arg(long)]
+    pub legacy_names: bool,
+}
+
+fn default_shards() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[cfg(test)]
@@ -45,7 +81,12 @@ mod tests {
             Config {
                 print_events: false,
                 rcvbuf_bytes: 64 << 20,
-                recv_batch: 64
+                recv_batch: 64,
+                metrics_bind_address: "0.0.0.0:9000".parse().unwrap(),
+                node_name: String::new(),
+                summary_timeout: 10,
+                stats_shards: default_shards(),
+                legacy_names: false,
             }
         );
     }
@@ -58,6 +99,10 @@ mod tests {
             &["x", "--rcvbuf-bytes", "12"],
             &["x", "--rcvbuf-bytes", "lots"],
             &["x", "--no-such-flag"],
+            &["x", "--summary-timeout", "0"],
+            &["x", "--summary-timeout", "101"],
+            &["x", "--stats-shards", "0"],
+            &["x", "--metrics-bind-address", "9000"],
         ] {
             let err = Config::try_parse_from(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}: {err}");

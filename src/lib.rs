@@ -24,5 +24,8 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod expo;
+pub mod reader;
+pub mod stats;
 pub mod sys;
 pub mod wire;

@@ -1,111 +1,143 @@
-//! conntrack-metrics binary: flags -> [`Config`] -> the reader loop.
+//! conntrack-metrics binary: flags -> [`Config`] -> the reader thread and the
+//! exporter thread.
 //!
-//! Today the binary subscribes to the kernel's conntrack events, parses each
-//! one and either prints it (`--print-events`) or counts events by type and
-//! reports the counts on stderr every 10 seconds. Flow tracking, histograms
-//! and the `/metrics` endpoint are the next stages (see README).
+//! Order matters: the netlink subscription is made before the HTTP endpoint
+//! listens, so no scrape can happen before events are being read.
 
-use std::io::{self, Write};
+use std::io;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use clap::Parser;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use conntrack_metrics::config::Config;
-use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch, RecvError};
-use conntrack_metrics::wire::{CtEvent, Datagram, EventKind, Message};
+use conntrack_metrics::expo::http::{Endpoint, Limits};
+use conntrack_metrics::expo::scrape::{Exposition, ScrapeOptions};
+use conntrack_metrics::reader::{self, SLOT_BYTES};
+use conntrack_metrics::stats::summary::SummaryWindow;
+use conntrack_metrics::stats::ShardSet;
+use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch};
 
-/// Bytes per receive slot: one page, as the kernel never sends a conntrack
-/// event larger than that.
-const SLOT_BYTES: usize = 4096;
-const REPORT_EVERY: Duration = Duration::from_secs(10);
+const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
+const RCVBUF: &str = "conntrack_monitoring_netlink_receive_buffer_bytes";
 
-#[derive(Default, Debug)]
-struct Tally {
-    new: u64,
-    update: u64,
-    destroy: u64,
-    malformed: u64,
-    truncated: u64,
-    overruns: u64,
-    other: u64,
+/// A line on stderr. A closed or full stderr must not stop the exporter, so
+/// write errors are ignored (`eprintln!` would panic on them).
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "conntrack-metrics: {}", format_args!($($arg)*));
+    }};
 }
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    let socket = match ConntrackSocket::open(EventGroups::ALL, config.rcvbuf_bytes) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!(
-                "conntrack-metrics: cannot subscribe to conntrack events: {e} \
-                 (needs root or CAP_NET_ADMIN in this network namespace)"
-            );
-            return ExitCode::FAILURE;
-        }
-    };
-    eprintln!(
-        "conntrack-metrics: subscribed to conntrack NEW/UPDATE/DESTROY, receive buffer {} bytes",
-        socket.granted_rcvbuf()
-    );
-    match run(&socket, &config) {
+    match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("conntrack-metrics: {e}");
+            log!("{e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(socket: &ConntrackSocket, config: &Config) -> io::Result<()> {
-    let mut batch = RecvBatch::new(config.recv_batch, SLOT_BYTES);
-    let mut tally = Tally::default();
-    let mut event = CtEvent::empty(EventKind::New, 0);
-    let mut out = io::BufWriter::new(io::stdout().lock());
-    let mut last_report = Instant::now();
-    loop {
-        match batch.recv(socket) {
-            Ok(_) => {}
-            Err(RecvError::Overrun) => {
-                tally.overruns += 1;
-                eprintln!("conntrack-metrics: ENOBUFS, the kernel dropped events");
-                continue;
-            }
-            Err(RecvError::WouldBlock) => continue,
-            Err(RecvError::Io(e)) => return Err(e),
-        }
-        for received in batch.datagrams() {
-            if received.truncated {
-                tally.truncated += 1;
-                continue;
-            }
-            let mut walk = Datagram::new(received.bytes);
-            while let Some(message) = walk.next_into(&mut event) {
-                match message {
-                    Ok(Message::Event(())) => {
-                        match event.kind {
-                            EventKind::New => tally.new += 1,
-                            EventKind::Update => tally.update += 1,
-                            EventKind::Destroy => tally.destroy += 1,
-                        }
-                        if config.print_events {
-                            writeln!(out, "{event}")?;
-                        }
-                    }
-                    Ok(Message::Overrun) => tally.overruns += 1,
-                    Ok(_) => tally.other += 1,
-                    Err(e) => {
-                        tally.malformed += 1;
-                        if config.print_events {
-                            writeln!(out, "[MALFORMED] {e}")?;
-                        }
-                    }
-                }
-            }
-        }
-        out.flush()?;
-        if last_report.elapsed() >= REPORT_EVERY {
-            eprintln!("conntrack-metrics: {tally:?}");
-            last_report = Instant::now();
-        }
+fn run(config: Config) -> io::Result<()> {
+    let recorder = PrometheusBuilder::new()
+        .add_global_label("node", config.node_name.clone())
+        .set_buckets_for_metric(
+            Matcher::Full(SCRAPE_DURATION.into()),
+            &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25],
+        )
+        .map_err(|e| io::Error::other(e.to_string()))?
+        .build_recorder();
+    let facade = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| io::Error::other(e.to_string()))?;
+    metrics::describe_gauge!(
+        RCVBUF,
+        metrics::Unit::Bytes,
+        "Receive buffer the kernel granted the netlink socket"
+    );
+    metrics::describe_histogram!(
+        SCRAPE_DURATION,
+        metrics::Unit::Seconds,
+        "Time to merge the shards and render one scrape"
+    );
+
+    let socket = ConntrackSocket::open(EventGroups::ALL, config.rcvbuf_bytes).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot subscribe to conntrack events: {e} \
+                 (needs root or CAP_NET_ADMIN in this network namespace)"
+            ),
+        )
+    })?;
+    log!(
+        "subscribed to conntrack NEW/UPDATE/DESTROY, receive buffer {} bytes",
+        socket.granted_rcvbuf()
+    );
+    metrics::gauge!(RCVBUF).set(socket.granted_rcvbuf() as f64);
+
+    let window = SummaryWindow::from_minutes(config.summary_timeout.into());
+    let shards = Arc::new(ShardSet::new(config.stats_shards, window));
+    let ready = Arc::new(AtomicBool::new(false));
+    let (endpoint, stop) =
+        Endpoint::bind(config.metrics_bind_address, Limits::default()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {}: {e}", config.metrics_bind_address),
+            )
+        })?;
+
+    // The reader drains events queued since the subscription; /readyz says
+    // 503 until its loop runs. If it ever stops, it stops the endpoint too.
+    let reader = {
+        let (shards, ready) = (Arc::clone(&shards), Arc::clone(&ready));
+        let (batch_size, print) = (config.recv_batch, config.print_events);
+        std::thread::Builder::new()
+            .name("ct-reader".into())
+            .spawn(move || -> io::Result<()> {
+                let result = (|| {
+                    let mut shard = shards
+                        .writer(0)
+                        .ok_or_else(|| io::Error::other("stats shard 0 already has a writer"))?;
+                    let mut batch = RecvBatch::new(batch_size, SLOT_BYTES);
+                    let mut stdout = io::stdout().lock();
+                    let print: Option<&mut dyn io::Write> =
+                        if print { Some(&mut stdout) } else { None };
+                    reader::run(&socket, &mut batch, &mut shard, &ready, print)
+                })();
+                stop.stop();
+                result
+            })?
+    };
+
+    log!("serving /metrics on {}", endpoint.local_addr());
+    let options = ScrapeOptions {
+        node: config.node_name.clone(),
+        legacy_names: config.legacy_names,
+    };
+    let mut exposition = Exposition::new(Arc::clone(&shards), options, Some(facade));
+    let scrape_duration = metrics::histogram!(SCRAPE_DURATION);
+    let served = endpoint.run(
+        &mut |format, out| {
+            let start = Instant::now();
+            exposition.render(format, out);
+            scrape_duration.record(start.elapsed().as_secs_f64());
+        },
+        &|| ready.load(Ordering::Acquire),
+    );
+    served.map_err(|e| io::Error::new(e.kind(), format!("HTTP endpoint stopped: {e}")))?;
+    // The endpoint only stops when the reader has stopped.
+    match reader.join() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(io::Error::new(
+            e.kind(),
+            format!("event reader stopped: {e}"),
+        )),
+        Err(_) => Err(io::Error::other("event reader panicked")),
     }
 }

@@ -159,11 +159,12 @@ fn live_kernel_events_decode_for_tcp_udp_icmp_over_ipv4_and_ipv6() {
         Stdio::piped(),
         Stdio::piped(),
     );
+    let mut stderr = BufReader::new(exporter.stderr.take().unwrap());
     let mut banner = String::new();
-    BufReader::new(exporter.stderr.take().unwrap())
-        .read_line(&mut banner)
-        .unwrap();
+    stderr.read_line(&mut banner).unwrap();
     assert!(banner.contains("subscribed"), "{banner}");
+    // Keep draining stderr so the exporter's later lines never meet a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     let (tx, rx) = mpsc::channel();
     let stdout = exporter.stdout.take().unwrap();
     std::thread::spawn(move || {

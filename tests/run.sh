@@ -5,7 +5,8 @@
 # mode, and a compile check of the fuzz targets.
 #
 # Needs root (namespaces, nftables, conntrack). Installs the Debian packages
-# the tests use when they are missing. Usage: sudo tests/run.sh
+# (and the one PyPI package) the tests use when they are missing.
+# Usage: sudo tests/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,13 +16,18 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 missing=()
-for tool_pkg in ip:iproute2 nft:nftables conntrack:conntrack python3:python3; do
+for tool_pkg in ip:iproute2 nft:nftables conntrack:conntrack python3:python3 curl:curl promtool:prometheus; do
     command -v "${tool_pkg%%:*}" >/dev/null 2>&1 || missing+=("${tool_pkg#*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "tests/run.sh: installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# The reference OpenMetrics parser, for the python3 on PATH (which may not be Debian's).
+if ! python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
+    echo "tests/run.sh: installing prometheus-client (PyPI) for the OpenMetrics check"
+    python3 -m pip install -q --disable-pip-version-check prometheus-client
 fi
 
 step() { printf '\n==> %s\n' "$*"; "$@"; }

@@ -1,0 +1,450 @@
+//! The metric families kept in the shards: names, help, units and bucket
+//! bounds, and where each series lives in a shard.
+//!
+//! Owns: the original exporter's histogram and summary families with their
+//! exact names, label values and bucket bounds (dashboards depend on them,
+//! down to the `le` strings), and this exporter's own per-event families.
+//! Never: holds values. Everything here is `const`, so a writer finds a
+//! series' slots with no lookup at run time.
+
+/// Namespace of every family, the original's.
+pub const NAMESPACE: &str = "conntrack_monitoring";
+
+/// How a family's integer values become the base unit when rendered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// Stored in nanoseconds, rendered in seconds.
+    Nanoseconds,
+    /// Stored in microseconds, rendered in seconds.
+    Microseconds,
+    /// Stored and rendered as is (bytes, packets, messages).
+    Count,
+    /// Stored in thousandths, rendered in units (bytes per second).
+    Milli,
+}
+
+impl Unit {
+    /// Stored units per rendered unit. Rendering divides by it: dividing by
+    /// an exact power of ten rounds correctly, so 7,500,000 ns renders as the
+    /// float nearest 0.0075 (what Go's literal `.0075` is), where multiplying
+    /// by 1e-9 would give 0.007500000000000001.
+    pub const fn per_base_unit(self) -> f64 {
+        match self {
+            Unit::Nanoseconds => 1e9,
+            Unit::Microseconds => 1e6,
+            Unit::Count => 1.0,
+            Unit::Milli => 1e3,
+        }
+    }
+
+    /// `value` stored units in the rendered unit.
+    pub fn render(self, value: f64) -> f64 {
+        value / self.per_base_unit()
+    }
+}
+
+/// A histogram family: its bounds are inclusive upper bounds (`le`) in the
+/// stored unit, ascending; `+Inf` is implicit.
+#[derive(Debug)]
+pub struct HistogramFamily {
+    /// Name after the namespace (`service_seen_reply_latency_seconds`).
+    pub name: &'static str,
+    /// HELP text.
+    pub help: &'static str,
+    /// Stored unit.
+    pub unit: Unit,
+    /// Bucket upper bounds in the stored unit.
+    pub bounds: &'static [u64],
+    /// Whether the family has the `direction` label (`to-svc`, `from-svc`).
+    pub by_direction: bool,
+}
+
+const NS: u64 = 1;
+const US: u64 = 1_000 * NS;
+const MS: u64 = 1_000 * US;
+const S: u64 = 1_000 * MS;
+
+/// `conntrack_monitoring_service_bytes{direction}`.
+pub const SERVICE_BYTES: HistogramFamily = HistogramFamily {
+    name: "service_bytes",
+    help: "Amount of bytes sent to/received from a service",
+    unit: Unit::Count,
+    bounds: &[1, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000, 100000],
+    by_direction: true,
+};
+
+/// `conntrack_monitoring_service_packets{direction}`.
+pub const SERVICE_PACKETS: HistogramFamily = HistogramFamily {
+    name: "service_packets",
+    help: "Amount of packets sent to/received from a service",
+    unit: Unit::Count,
+    bounds: SERVICE_BYTES.bounds,
+    by_direction: true,
+};
+
+/// `conntrack_monitoring_service_duration_seconds`, stored in microseconds.
+pub const SERVICE_DURATION: HistogramFamily = HistogramFamily {
+    name: "service_duration_seconds",
+    help: "Conntrack flow duration (includes timeout waiting time)",
+    unit: Unit::Microseconds,
+    bounds: &[
+        0,
+        S / US,
+        2_500 * MS / US,
+        5 * S / US,
+        10 * S / US,
+        30 * S / US,
+        31 * S / US,
+        35 * S / US,
+        119_900 * MS / US,
+        119_990 * MS / US,
+        120 * S / US,
+        120_010 * MS / US,
+        120_015 * MS / US,
+        120_020 * MS / US,
+        120_025 * MS / US,
+        120_030 * MS / US,
+        120_100 * MS / US,
+        120_500 * MS / US,
+        121 * S / US,
+        125 * S / US,
+        130 * S / US,
+    ],
+    by_direction: false,
+};
+
+/// `conntrack_monitoring_service_seen_reply_latency_seconds`, in nanoseconds.
+pub const SEEN_REPLY_LATENCY: HistogramFamily = HistogramFamily {
+    name: "service_seen_reply_latency_seconds",
+    help: "Latency between conntrack flow being created and SEEN_REPLY event",
+    unit: Unit::Nanoseconds,
+    bounds: &[
+        0,
+        10 * US,
+        50 * US,
+        100 * US,
+        250 * US,
+        500 * US,
+        750 * US,
+        MS,
+        2_500 * US,
+        5 * MS,
+        7_500 * US,
+        10 * MS,
+        25 * MS,
+        50 * MS,
+        100 * MS,
+        200 * MS,
+        500 * MS,
+        S,
+        5 * S,
+        10 * S,
+    ],
+    by_direction: false,
+};
+
+/// `conntrack_monitoring_service_TCP_FIN_latency_seconds`, in nanoseconds.
+pub const FIN_LATENCY: HistogramFamily = HistogramFamily {
+    name: "service_TCP_FIN_latency_seconds",
+    help: "Latency between conntrack flow being created and TCP FIN packet seen",
+    unit: Unit::Nanoseconds,
+    bounds: &[
+        0,
+        MS,
+        5 * MS,
+        7_500 * US,
+        10 * MS,
+        20 * MS,
+        30 * MS,
+        40 * MS,
+        50 * MS,
+        75 * MS,
+        100 * MS,
+        125 * MS,
+        150 * MS,
+        175 * MS,
+        200 * MS,
+        300 * MS,
+        400 * MS,
+        500 * MS,
+        S,
+        3 * S,
+        5 * S,
+        10 * S,
+        20 * S,
+        50 * S,
+    ],
+    by_direction: false,
+};
+
+/// `conntrack_monitoring_service_TCP_FIN_throughput_bytes_per_second{direction}`,
+/// in thousandths of a byte per second.
+pub const FIN_THROUGHPUT: HistogramFamily = HistogramFamily {
+    name: "service_TCP_FIN_throughput_bytes_per_second",
+    help: "Throughput=(bytes sent as recorded when TCP FIN packet sent)/(service_TCP_FIN_latency_seconds)",
+    unit: Unit::Milli,
+    bounds: &[
+        100_000,
+        500_000,
+        1_000_000,
+        5_000_000,
+        10_000_000,
+        25_000_000,
+        50_000_000,
+        100_000_000,
+        500_000_000,
+        10_000_000_000,
+        100_000_000_000,
+    ],
+    by_direction: true,
+};
+
+/// `conntrack_monitoring_reader_batch_messages`: datagrams taken per
+/// `recvmmsg` call (ours; replaces the original's `mmsg_batch_size_hist`).
+pub const READER_BATCH: HistogramFamily = HistogramFamily {
+    name: "reader_batch_messages",
+    help: "Netlink datagrams received per recvmmsg call by the event reader",
+    unit: Unit::Count,
+    bounds: &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
+    by_direction: false,
+};
+
+/// A histogram series: a family and, where it has one, a direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Series {
+    /// Bytes sent to the service (original direction).
+    BytesToService,
+    /// Bytes received from the service (reply direction).
+    BytesFromService,
+    /// Packets to the service.
+    PacketsToService,
+    /// Packets from the service.
+    PacketsFromService,
+    /// Flow duration, microseconds.
+    Duration,
+    /// Seen-reply latency, nanoseconds.
+    SeenReplyLatency,
+    /// TCP FIN latency, nanoseconds.
+    FinLatency,
+    /// Throughput to the service until FIN, milli-bytes per second.
+    FinThroughputToService,
+    /// Throughput from the service until FIN, milli-bytes per second.
+    FinThroughputFromService,
+    /// Datagrams per `recvmmsg` call.
+    ReaderBatch,
+}
+
+/// Direction label values, the original's.
+pub const TO_SERVICE: &str = "to-svc";
+/// Direction label values, the original's.
+pub const FROM_SERVICE: &str = "from-svc";
+
+impl Series {
+    /// Every series, in render order.
+    pub const ALL: [Series; 10] = [
+        Series::BytesToService,
+        Series::BytesFromService,
+        Series::PacketsToService,
+        Series::PacketsFromService,
+        Series::Duration,
+        Series::SeenReplyLatency,
+        Series::FinLatency,
+        Series::FinThroughputToService,
+        Series::FinThroughputFromService,
+        Series::ReaderBatch,
+    ];
+
+    /// Its family.
+    pub const fn family(self) -> &'static HistogramFamily {
+        match self {
+            Series::BytesToService | Series::BytesFromService => &SERVICE_BYTES,
+            Series::PacketsToService | Series::PacketsFromService => &SERVICE_PACKETS,
+            Series::Duration => &SERVICE_DURATION,
+            Series::SeenReplyLatency => &SEEN_REPLY_LATENCY,
+            Series::FinLatency => &FIN_LATENCY,
+            Series::FinThroughputToService | Series::FinThroughputFromService => &FIN_THROUGHPUT,
+            Series::ReaderBatch => &READER_BATCH,
+        }
+    }
+
+    /// Its `direction` label value, if its family has that label.
+    pub const fn direction(self) -> Option<&'static str> {
+        match self {
+            Series::BytesToService | Series::PacketsToService | Series::FinThroughputToService => {
+                Some(TO_SERVICE)
+            }
+            Series::BytesFromService
+            | Series::PacketsFromService
+            | Series::FinThroughputFromService => Some(FROM_SERVICE),
+            _ => None,
+        }
+    }
+
+    /// Slots the series takes in a shard: one per bucket, one for `+Inf`
+    /// (values above the last bound), one for the sum. The count is the sum
+    /// of the buckets, so it always agrees with `+Inf`.
+    pub const fn slots(self) -> usize {
+        self.family().bounds.len() + 2
+    }
+
+    /// Offset of the series' first slot in a shard.
+    pub const fn offset(self) -> usize {
+        let mut at = 0;
+        let mut i = 0;
+        while i < Series::ALL.len() {
+            if Series::ALL[i] as u8 == self as u8 {
+                return at;
+            }
+            at += Series::ALL[i].slots();
+            i += 1;
+        }
+        at
+    }
+}
+
+/// Slots all histogram series take in a shard.
+pub const HISTOGRAM_SLOTS: usize = {
+    let mut n = 0;
+    let mut i = 0;
+    while i < Series::ALL.len() {
+        n += Series::ALL[i].slots();
+        i += 1;
+    }
+    n
+};
+
+/// A per-event counter kept in the shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// NEW events received.
+    EventsNew,
+    /// UPDATE events received.
+    EventsUpdate,
+    /// DESTROY events received.
+    EventsDestroy,
+    /// Flows whose events came in an order that cannot be measured.
+    EventsOrderErrors,
+    /// Netlink messages that could not be parsed (counted, skipped).
+    MalformedMessages,
+    /// Datagrams longer than a receive slot (cut short, skipped).
+    TruncatedDatagrams,
+    /// `ENOBUFS` from the socket: the kernel dropped events for us.
+    NetlinkOverruns,
+}
+
+impl Counter {
+    /// Every counter, in slot order.
+    pub const ALL: [Counter; 7] = [
+        Counter::EventsNew,
+        Counter::EventsUpdate,
+        Counter::EventsDestroy,
+        Counter::EventsOrderErrors,
+        Counter::MalformedMessages,
+        Counter::TruncatedDatagrams,
+        Counter::NetlinkOverruns,
+    ];
+
+    /// Slot of the counter in a shard.
+    pub const fn slot(self) -> usize {
+        HISTOGRAM_SLOTS + self as usize
+    }
+}
+
+/// Slots of one shard: histograms, then counters.
+pub const SHARD_SLOTS: usize = HISTOGRAM_SLOTS + Counter::ALL.len();
+
+/// A summary series: the original's quantile families, computed over a
+/// sliding window from the shards' log-linear histograms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Quantiles {
+    /// `service_seen_reply_latency_seconds_summary`.
+    SeenReplyLatency,
+    /// `service_TCP_FIN_latency_seconds_summary`.
+    FinLatency,
+    /// `service_TCP_FIN_throughput_bytes_per_second_summary{direction="to-svc"}`.
+    FinThroughputToService,
+    /// `service_TCP_FIN_throughput_bytes_per_second_summary{direction="from-svc"}`.
+    FinThroughputFromService,
+}
+
+impl Quantiles {
+    /// Every summary series, in render order.
+    pub const ALL: [Quantiles; 4] = [
+        Quantiles::SeenReplyLatency,
+        Quantiles::FinLatency,
+        Quantiles::FinThroughputToService,
+        Quantiles::FinThroughputFromService,
+    ];
+
+    /// The histogram series it summarises (same values, same unit).
+    pub const fn series(self) -> Series {
+        match self {
+            Quantiles::SeenReplyLatency => Series::SeenReplyLatency,
+            Quantiles::FinLatency => Series::FinLatency,
+            Quantiles::FinThroughputToService => Series::FinThroughputToService,
+            Quantiles::FinThroughputFromService => Series::FinThroughputFromService,
+        }
+    }
+
+    /// Its family name after the namespace. The original's (`legacy`) ends in
+    /// `_summary`, which `promtool check metrics` rejects (a type in the
+    /// name); ours says what it is: quantiles over a sliding window.
+    pub const fn family_name(self, legacy: bool) -> &'static str {
+        match (self, legacy) {
+            (Quantiles::SeenReplyLatency, false) => "service_seen_reply_latency_window_seconds",
+            (Quantiles::SeenReplyLatency, true) => "service_seen_reply_latency_seconds_summary",
+            (Quantiles::FinLatency, false) => "service_TCP_FIN_latency_window_seconds",
+            (Quantiles::FinLatency, true) => "service_TCP_FIN_latency_seconds_summary",
+            (Quantiles::FinThroughputToService | Quantiles::FinThroughputFromService, false) => {
+                "service_TCP_FIN_throughput_window_bytes_per_second"
+            }
+            (Quantiles::FinThroughputToService | Quantiles::FinThroughputFromService, true) => {
+                "service_TCP_FIN_throughput_bytes_per_second_summary"
+            }
+        }
+    }
+
+    /// The quantiles the original reports for it.
+    pub const fn objectives(self) -> &'static [f64] {
+        match self {
+            Quantiles::FinLatency => &[0.01, 0.1, 0.5, 0.9, 0.99],
+            _ => &[0.01, 0.1, 0.5, 0.9, 0.95, 0.99, 1.0],
+        }
+    }
+
+    /// The summary series a histogram series feeds, if any.
+    pub const fn of(series: Series) -> Option<Quantiles> {
+        match series {
+            Series::SeenReplyLatency => Some(Quantiles::SeenReplyLatency),
+            Series::FinLatency => Some(Quantiles::FinLatency),
+            Series::FinThroughputToService => Some(Quantiles::FinThroughputToService),
+            Series::FinThroughputFromService => Some(Quantiles::FinThroughputFromService),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_ascend_and_series_do_not_overlap() {
+        for s in Series::ALL {
+            let b = s.family().bounds;
+            assert!(b.windows(2).all(|w| w[0] < w[1]), "{s:?}");
+        }
+        let mut next = 0;
+        for s in Series::ALL {
+            assert_eq!(s.offset(), next, "{s:?}");
+            next += s.slots();
+        }
+        assert_eq!(next, HISTOGRAM_SLOTS);
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(c.slot(), HISTOGRAM_SLOTS + i);
+        }
+        for q in Quantiles::ALL {
+            assert_eq!(Quantiles::of(q.series()), Some(q));
+        }
+    }
+}

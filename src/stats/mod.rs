@@ -1,0 +1,16 @@
+//! Per-CPU statistics: fixed-bound histograms, counters and sliding-window
+//! quantiles, written without locks by the per-event path and merged by the
+//! exporter thread on each scrape.
+//!
+//! Owns: the families' definitions ([`family`]), the shards and their merge
+//! ([`shard`]), and the quantile summaries ([`summary`]).
+//! Never: allocates, locks, logs or makes a syscall when a value is recorded.
+//! Values are integers in the family's stored unit (nanoseconds, bytes, ...);
+//! seconds and fractions exist only in the rendered text.
+
+pub mod family;
+pub mod shard;
+pub mod summary;
+
+pub use family::{Counter, Quantiles, Series};
+pub use shard::{ShardSet, ShardWriter, Snapshot};

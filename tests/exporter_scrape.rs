@@ -1,0 +1,244 @@
+//! End to end: the exporter in a virtual node's namespace, real conntrack
+//! events from real traffic, scraped over HTTP. Its per-event counters equal
+//! what its reader saw, the output passes `promtool check metrics`, and the
+//! OpenMetrics output passes the reference parser. Needs root; see
+//! `tests/run.sh`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::{kernel_tests_possible, VirtualNode};
+
+const RULESET: &str = r#"
+table inet ctm_test {
+    chain prerouting {
+        type nat hook prerouting priority dstnat;
+        ip daddr 10.96.0.10 udp dport 53 dnat ip to 10.200.2.2:5353
+    }
+    # Scrapes over loopback must not create flows of their own.
+    chain raw_pre { type filter hook prerouting priority raw; iif lo notrack; }
+    chain raw_out { type filter hook output priority raw; oif lo notrack; }
+}
+"#;
+
+const BACKEND: &str = r#"
+import socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 5353))
+print("ready", flush=True)
+while True:
+    data, peer = u.recvfrom(2048); u.sendto(data, peer)
+"#;
+
+const CLIENT: &str = r#"
+import socket
+for i in range(40):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+    s.sendto(b"q", ("10.96.0.10", 53)); assert s.recv(10) == b"q"; s.close()
+print("done", flush=True)
+"#;
+
+const PORT: u16 = 9100;
+
+/// GET `path` on the exporter inside `ns`, via `curl` run in that namespace.
+fn get(vn: &VirtualNode, path: &str, accept: Option<&str>) -> (String, String) {
+    let url = format!("http://127.0.0.1:{PORT}{path}");
+    let mut argv = vec!["curl", "-s", "-m", "5", "-D", "-", url.as_str()];
+    let header;
+    if let Some(a) = accept {
+        header = format!("Accept: {a}");
+        argv.extend(["-H", header.as_str()]);
+    }
+    let out = vn.exec(&vn.node, &argv);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (head.to_string(), body.to_string())
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no series {series}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn scraped_counters_match_the_events_read_and_pass_promtool() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    // curl runs inside the namespace; the test process cannot reach its loopback.
+    assert!(
+        Command::new("curl").arg("--version").output().is_ok(),
+        "curl is needed"
+    );
+    let mut vn = VirtualNode::new();
+    vn.nft(RULESET);
+    let backend = vn.backend.clone();
+    let server = vn.spawn(
+        &backend,
+        &["python3", "-c", BACKEND],
+        Stdio::piped(),
+        Stdio::inherit(),
+    );
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    let node = vn.node.clone();
+    let bind = format!("127.0.0.1:{PORT}");
+    let exporter = vn.spawn(
+        &node,
+        &[
+            env!("CARGO_BIN_EXE_conntrack-metrics"),
+            "--print-events",
+            "--node-name",
+            "n1",
+            "--metrics-bind-address",
+            &bind,
+        ],
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    let mut stderr = BufReader::new(exporter.stderr.take().unwrap());
+    let mut stdout = exporter.stdout.take().unwrap();
+    for want in ["subscribed", "serving"] {
+        line.clear();
+        stderr.read_line(&mut line).unwrap();
+        assert!(line.contains(want), "{line}");
+    }
+
+    let (head, body) = get(&vn, "/readyz", None);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("ok") || body.contains("ready"), "{body}");
+
+    let client = vn.client.clone();
+    assert_eq!(vn.exec(&client, &["python3", "-c", CLIENT]).trim(), "done");
+    vn.exec(&node, &["conntrack", "-F"]);
+
+    // Every event the reader printed; 40 flows x (NEW, UPDATE, DESTROY).
+    let printed = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            let mut text = String::new();
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                let _ = tx.send(text.clone());
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut text = String::new();
+        while text.matches("[DESTROY]").count() < 40 {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(t) => text = t,
+                Err(_) => panic!("timed out waiting for DESTROY events:\n{text}"),
+            }
+        }
+        text
+    };
+    let count = |kind: &str| printed.matches(&format!("[{kind}]")).count() as f64;
+    assert_eq!(count("NEW"), 40.0);
+    assert_eq!(count("DESTROY"), 40.0);
+
+    let (head, text) = get(&vn, "/metrics", None);
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    for (kind, printed_kind) in [("new", "NEW"), ("update", "UPDATE"), ("destroy", "DESTROY")] {
+        let series = format!("conntrack_monitoring_events_total{{node=\"n1\",type=\"{kind}\"}}");
+        assert_eq!(value(&text, &series), count(printed_kind), "{kind}");
+    }
+    assert_eq!(
+        value(
+            &text,
+            "conntrack_monitoring_errors_total{node=\"n1\",type=\"malformed message\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "conntrack_monitoring_netlink_overruns_total{node=\"n1\"}"
+        ),
+        0.0
+    );
+    let messages = count("NEW") + count("UPDATE") + count("DESTROY");
+    assert_eq!(
+        value(
+            &text,
+            "conntrack_monitoring_reader_batch_messages_sum{node=\"n1\"}"
+        ),
+        messages
+    );
+    assert!(
+        value(
+            &text,
+            "conntrack_monitoring_netlink_receive_buffer_bytes{node=\"n1\"}"
+        ) > 212_992.0
+    );
+
+    // promtool's lint, on the output with default flags.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is needed");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // OpenMetrics, checked by the reference parser (prometheus_client).
+    let (head, om) = get(
+        &vn,
+        "/metrics",
+        Some("application/openmetrics-text; version=1.0.0"),
+    );
+    assert!(
+        head.contains("application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(om.ends_with("# EOF\n"));
+    let mut parser = Command::new("python3")
+        .args([
+            "-c",
+            "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as p\n\
+             print(len(list(p(sys.stdin.read()))))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    parser
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(om.as_bytes())
+        .unwrap();
+    let out = parser.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "OpenMetrics parser: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let families: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(families >= 13, "{families} families");
+}
