@@ -35,8 +35,9 @@
 //! deadline), not from a timer thread.
 //!
 //! Never: runs on the per-event reader thread, blocks on a socket, starts a
-//! thread, reads more than the head limit of a request, or reads the shards
-//! itself: the caller's renderer does, once per `/metrics` request.
+//! thread, keeps more than the head limit of a request, accepts a request
+//! body, or reads the shards itself: the caller's renderer does, once per
+//! `/metrics` request.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -146,9 +147,10 @@ const DRAIN_CHUNK: usize = 16 * 1024;
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 impl Endpoint {
-    /// Binds the listening socket (with `SO_REUSEADDR`) and returns the
-    /// endpoint and the handle that stops it. Fails with `InvalidInput` when
-    /// `max_connections` or `max_head_bytes` is zero.
+    /// Binds the listening socket (with `SO_REUSEADDR`, and mio's listen
+    /// backlog of 128) and returns the endpoint and the handle that stops it.
+    /// Fails with `InvalidInput` when `max_connections` or `max_head_bytes` is
+    /// zero.
     pub fn bind(addr: SocketAddr, limits: Limits) -> io::Result<(Endpoint, StopHandle)> {
         if limits.max_connections == 0 || limits.max_head_bytes == 0 {
             return Err(io::Error::new(
@@ -350,6 +352,13 @@ impl Conn {
                                 continue;
                             }
                         }
+                    }
+                    if self.filled == self.head.len() {
+                        // Unreachable (a full buffer is always parsed, and
+                        // then too large or complete), but a read into an
+                        // empty slice would look like the client closing.
+                        self.fail(Status::HeadTooLarge, now, limits);
+                        continue;
                     }
                     let filled = self.filled;
                     match (&self.stream).read(&mut self.head[filled..]) {

@@ -168,7 +168,7 @@ impl Exposition {
                     ),
                 }
             }
-            let sum = Value::Float(unit.render(self.snapshot.sum(s) as f64));
+            let sum = Value::Float(unit.render(self.snapshot.sum(s)));
             let count = Value::Count(self.snapshot.count(s));
             match s.direction() {
                 Some(d) => {

@@ -287,6 +287,11 @@ impl Series {
         self.family().bounds.len() + 2
     }
 
+    /// Slot of the series' sum (after its buckets and `+Inf`).
+    pub const fn sum_slot(self) -> usize {
+        self.offset() + self.family().bounds.len() + 1
+    }
+
     /// Offset of the series' first slot in a shard.
     pub const fn offset(self) -> usize {
         let mut at = 0;
@@ -433,6 +438,9 @@ mod tests {
         for s in Series::ALL {
             let b = s.family().bounds;
             assert!(b.windows(2).all(|w| w[0] < w[1]), "{s:?}");
+        }
+        for (i, s) in Series::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i, "ALL is in declaration order");
         }
         let mut next = 0;
         for s in Series::ALL {

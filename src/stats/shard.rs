@@ -15,6 +15,13 @@
 //! sum of slots, never goes down from one scrape to the next. Buckets and
 //! `_sum` are separate slots and may be caught an observation apart; the
 //! count is derived from the buckets, so `+Inf` and `_count` always agree.
+//!
+//! A histogram's sum slot holds the bits of an `f64` (as Go's histograms
+//! keep their sums): observations are integers, added exactly while the sum
+//! is below 2^53 units, and past that rounded, but never wrapped. A `u64` of
+//! nanoseconds would wrap within hours on a busy node with long-lived
+//! connections (FIN latency sums), and a wrapped sum goes down. Adding a
+//! non-negative value to an `f64` never makes it smaller.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
@@ -111,9 +118,13 @@ impl ShardSet {
     /// [`Self::merge_into`] with the window ending at `now`.
     pub fn merge_at(&self, snapshot: &mut Snapshot, now: Instant) {
         snapshot.slots.iter_mut().for_each(|s| *s = 0);
+        snapshot.sums.iter_mut().for_each(|s| *s = 0.0);
         for shard in self.shards.iter() {
             for (i, total) in snapshot.slots.iter_mut().enumerate() {
                 *total = total.wrapping_add(shard.slot(i).load(Relaxed));
+            }
+            for (s, total) in Series::ALL.iter().zip(snapshot.sums.iter_mut()) {
+                *total += f64::from_bits(shard.slot(s.sum_slot()).load(Relaxed));
             }
         }
         let now_epoch = self.epoch_at(now);
@@ -158,6 +169,14 @@ impl ShardWriter<'_> {
         slot.store(slot.load(Relaxed).wrapping_add(n), Relaxed);
     }
 
+    /// Adds `v` to a slot that holds `f64` bits (a histogram's sum).
+    #[inline(always)]
+    fn add_f64(&mut self, i: usize, v: u64) {
+        let slot = self.shard.slot(i);
+        let sum = f64::from_bits(slot.load(Relaxed)) + v as f64;
+        slot.store(sum.to_bits(), Relaxed);
+    }
+
     /// Records `value` (in the series' stored unit) into its bucket and sum,
     /// and into its summary if it has one.
     #[inline]
@@ -167,7 +186,7 @@ impl ShardWriter<'_> {
         let bucket = bounds.partition_point(|&b| b < value);
         let offset = series.offset();
         self.add(offset + bucket, 1);
-        self.add(offset + bounds.len() + 1, value);
+        self.add_f64(offset + bounds.len() + 1, value);
         if let Some(q) = Quantiles::of(series) {
             self.shard.quantiles[q as usize].record(value, self.epoch);
         }
@@ -203,6 +222,8 @@ pub struct SummarySnapshot {
 /// exporter thread and reused for every scrape.
 pub struct Snapshot {
     slots: Box<[u64]>,
+    /// Histogram sums, in `Series::ALL` order (their slots hold `f64` bits).
+    sums: [f64; Series::ALL.len()],
     summaries: [SummarySnapshot; Quantiles::ALL.len()],
     accumulator: QuantileAccumulator,
 }
@@ -211,6 +232,7 @@ impl Default for Snapshot {
     fn default() -> Self {
         Snapshot {
             slots: vec![0; SHARD_SLOTS].into_boxed_slice(),
+            sums: [0.0; Series::ALL.len()],
             summaries: std::array::from_fn(|i| SummarySnapshot {
                 quantiles: vec![None; Quantiles::ALL[i].objectives().len()],
                 count: 0,
@@ -250,9 +272,10 @@ impl Snapshot {
             .fold(0u64, |a, &n| a.wrapping_add(n))
     }
 
-    /// Sum of the series' observations, in its stored unit.
-    pub fn sum(&self, series: Series) -> u64 {
-        self.slots[series.offset() + series.family().bounds.len() + 1]
+    /// Sum of the series' observations, in its stored unit (exact while
+    /// below 2^53).
+    pub fn sum(&self, series: Series) -> f64 {
+        self.sums[series as usize]
     }
 
     /// A counter's total.
@@ -288,7 +311,7 @@ mod tests {
         assert_eq!(b[SERVICE_BYTES.bounds.len() - 1], 1, "100000 in le=100000");
         assert_eq!(b[SERVICE_BYTES.bounds.len()], 1, "100001 in +Inf");
         assert_eq!(snap.count(Series::BytesToService), 6);
-        assert_eq!(snap.sum(Series::BytesToService), 200_013);
+        assert_eq!(snap.sum(Series::BytesToService), 200_013.0);
         assert_eq!(
             snap.count(Series::BytesFromService),
             0,
@@ -329,7 +352,7 @@ mod tests {
         assert_eq!(snap.counter(Counter::MalformedMessages), 3);
         assert_eq!(snap.counter(Counter::EventsDestroy), 0);
         assert_eq!(snap.count(Series::Duration), 3);
-        assert_eq!(snap.sum(Series::Duration), 3_000_000);
+        assert_eq!(snap.sum(Series::Duration), 3_000_000.0);
     }
 
     /// Writers record known values while a scraper merges in a loop: every
@@ -400,12 +423,12 @@ mod tests {
         let per_writer_latency: u64 = (0..PER_WRITER).map(|k| (k % 1000) * 20_000_000).sum();
         assert_eq!(
             snap.sum(Series::SeenReplyLatency),
-            WRITERS as u64 * per_writer_latency
+            (WRITERS as u64 * per_writer_latency) as f64
         );
         let per_writer_bytes: u64 = (0..PER_WRITER).map(|k| k % 200_000).sum();
         assert_eq!(
             snap.sum(Series::BytesToService),
-            WRITERS as u64 * per_writer_bytes
+            (WRITERS as u64 * per_writer_bytes) as f64
         );
         // Exactly how many values fell at or under each bound.
         let bounds = SEEN_REPLY_LATENCY.bounds;
