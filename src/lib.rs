@@ -25,6 +25,7 @@
 
 pub mod config;
 pub mod expo;
+pub mod flow;
 pub mod reader;
 pub mod stats;
 pub mod sys;

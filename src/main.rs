@@ -5,20 +5,22 @@
 //! listens, so no scrape can happen before events are being read.
 
 use std::io;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use conntrack_metrics::config::Config;
 use conntrack_metrics::expo::http::{Endpoint, Limits};
 use conntrack_metrics::expo::scrape::{Exposition, ScrapeOptions};
-use conntrack_metrics::reader::{self, SLOT_BYTES};
+use conntrack_metrics::flow::{FlowTracker, ServiceFilter};
+use conntrack_metrics::reader::{self, FLOW_TABLE_CAPACITY, FLOW_TABLE_FLOWS, SLOT_BYTES};
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::ShardSet;
+use conntrack_metrics::sys::sysctl::{self, Outcome};
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch};
 
 const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
@@ -34,7 +36,7 @@ macro_rules! log {
 }
 
 fn main() -> ExitCode {
-    let config = Config::parse();
+    let config = Config::parse_args();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -60,11 +62,37 @@ fn run(config: Config) -> io::Result<()> {
         metrics::Unit::Bytes,
         "Receive buffer the kernel granted the netlink socket"
     );
+    metrics::describe_gauge!(
+        FLOW_TABLE_FLOWS,
+        "Service flows being tracked between their NEW and DESTROY"
+    );
+    metrics::describe_gauge!(
+        FLOW_TABLE_CAPACITY,
+        "Flows the flow table holds before it evicts the oldest (--max-flows)"
+    );
     metrics::describe_histogram!(
         SCRAPE_DURATION,
         metrics::Unit::Seconds,
         "Time to merge the shards and render one scrape"
     );
+
+    let sysctls = Path::new("/proc/sys/net/netfilter");
+    match sysctl::enable(sysctls, !config.no_sysctl) {
+        Ok(outcomes) => {
+            for outcome in outcomes {
+                match outcome {
+                    Outcome::TurnedOn(name) => log!("set {name} to 1 (was 0)"),
+                    Outcome::LeftOff(name) => log!(
+                        "warning: {name} is 0 and --no-sysctl leaves it: flows get no \
+                         counters or timestamps, so they are not measured"
+                    ),
+                    Outcome::AlreadyOn(_) => {}
+                }
+            }
+        }
+        Err(e) if config.no_sysctl => log!("warning: {e}"),
+        Err(e) => return Err(e),
+    }
 
     let socket = ConntrackSocket::open(EventGroups::ALL, config.rcvbuf_bytes).map_err(|e| {
         io::Error::new(
@@ -97,6 +125,11 @@ fn run(config: Config) -> io::Result<()> {
     let reader = {
         let (shards, ready) = (Arc::clone(&shards), Arc::clone(&ready));
         let (batch_size, print) = (config.recv_batch, config.print_events);
+        let reader_cpu = config.reader_cpu;
+        let filter = ServiceFilter::new(config.svc_subnets.clone(), config.exclude_subnets.clone());
+        // Allocated here, before the reader starts: the per-event path never allocates.
+        let mut flows = FlowTracker::new(filter, config.max_flows);
+        metrics::gauge!(FLOW_TABLE_CAPACITY).set(flows.capacity() as f64);
         std::thread::Builder::new()
             .name("ct-reader".into())
             .spawn(move || -> io::Result<()> {
@@ -105,10 +138,15 @@ fn run(config: Config) -> io::Result<()> {
                         .writer(0)
                         .ok_or_else(|| io::Error::other("stats shard 0 already has a writer"))?;
                     let mut batch = RecvBatch::new(batch_size, SLOT_BYTES);
+                    if let Some(core) = reader_cpu {
+                        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                            log!("could not pin the event reader to CPU {core}");
+                        }
+                    }
                     let mut stdout = io::stdout().lock();
                     let print: Option<&mut dyn io::Write> =
                         if print { Some(&mut stdout) } else { None };
-                    reader::run(&socket, &mut batch, &mut shard, &ready, print)
+                    reader::run(&socket, &mut batch, &mut shard, &mut flows, &ready, print)
                 })();
                 stop.stop();
                 result

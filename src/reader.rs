@@ -1,19 +1,26 @@
 //! The reader thread's loop: one batched receive, then every event of the
-//! batch through parse and record.
+//! batch through parse, flow tracking and record.
 //!
-//! Owns: the per-event path. Each event is parsed into one reused slot and
-//! counted in the reader's own stats shard.
+//! Owns: the per-event path. Each event is parsed into one reused slot,
+//! counted in the reader's own stats shard, and given to the flow tracker.
 //! Never: allocates, locks, logs or makes a syscall per event; the one
 //! syscall is the batched receive. (`--print-events` is the exception, a
 //! debugging mode that writes each event to stdout.)
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::flow::FlowTracker;
 
 use crate::stats::{Counter, Series, ShardWriter};
 use crate::sys::{ConntrackSocket, RecvBatch, RecvError};
 use crate::wire::{CtEvent, Datagram, EventKind, Message};
+
+/// Gauge of the flows in the flow table (the `metrics` facade).
+pub const FLOW_TABLE_FLOWS: &str = "conntrack_monitoring_flow_table_flows";
+/// Gauge of the flow table's capacity (`--max-flows`).
+pub const FLOW_TABLE_CAPACITY: &str = "conntrack_monitoring_flow_table_capacity";
 
 /// Bytes per receive slot: one page; the kernel never sends a conntrack
 /// event larger than that, and a longer datagram is counted as truncated.
@@ -25,17 +32,21 @@ pub fn run(
     socket: &ConntrackSocket,
     batch: &mut RecvBatch,
     shard: &mut ShardWriter<'_>,
+    flows: &mut FlowTracker,
     ready: &AtomicBool,
     mut print: Option<&mut dyn Write>,
 ) -> io::Result<()> {
     let mut event = CtEvent::empty(EventKind::New, 0);
+    let flows_gauge = metrics::gauge!(FLOW_TABLE_FLOWS);
     ready.store(true, Ordering::Release);
     loop {
         let received = match batch.recv(socket) {
             Ok(n) => n,
             Err(RecvError::Overrun) => {
-                // The kernel dropped events for us; reading goes on at once.
+                // The kernel dropped events for us; reading goes on at once,
+                // and no open flow is measured from here on.
                 shard.count(Counter::NetlinkOverruns, 1);
+                flows.overrun();
                 continue;
             }
             Err(RecvError::WouldBlock) => continue,
@@ -47,6 +58,9 @@ pub fn run(
         // One clock read per batch (vDSO, no syscall): the time of every
         // event in it, for the summaries' sliding window.
         shard.set_time(Instant::now());
+        let received_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         shard.observe(Series::ReaderBatch, received as u64);
         for datagram in batch.datagrams() {
             if datagram.truncated {
@@ -63,6 +77,7 @@ pub fn run(
                             EventKind::Destroy => Counter::EventsDestroy,
                         };
                         shard.count(counter, 1);
+                        flows.event(&event, received_ns, shard);
                         if let Some(out) = print.as_mut() {
                             writeln!(out, "{event}")?;
                         }
@@ -78,6 +93,8 @@ pub fn run(
                 }
             }
         }
+        // An atomic store through a handle made once: no lookup, no allocation.
+        flows_gauge.set(flows.flows() as f64);
         if let Some(out) = print.as_mut() {
             out.flush()?;
         }

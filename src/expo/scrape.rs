@@ -222,8 +222,10 @@ impl Exposition {
                     }
                 }
             }
-            let sum = Value::Float(unit.render(snap.sum as f64));
-            let count = Value::Count(snap.count);
+            // The histogram series holds the same observations: its count
+            // and sum are the summary's, over all time as Go's.
+            let sum = Value::Float(unit.render(self.snapshot.sum(q.series())));
+            let count = Value::Count(self.snapshot.count(q.series()));
             match q.series().direction() {
                 Some(d) => {
                     write_sample(out, &name, "_sum", &[("direction", d), ("node", node)], sum);
@@ -291,6 +293,13 @@ impl Exposition {
             "netlink_overruns",
             "ENOBUFS errors from the netlink socket: the kernel dropped events for this exporter",
             &[(Counter::NetlinkOverruns, None)],
+            out,
+        );
+        self.counter_family(
+            format,
+            "flows_evicted",
+            "Service flows evicted from a full flow table before their DESTROY (raise --max-flows)",
+            &[(Counter::FlowsEvicted, None)],
             out,
         );
         if self.options.legacy_names && format == Format::Prometheus {

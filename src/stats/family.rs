@@ -335,11 +335,13 @@ pub enum Counter {
     TruncatedDatagrams,
     /// `ENOBUFS` from the socket: the kernel dropped events for us.
     NetlinkOverruns,
+    /// Flows evicted from a full flow table before their DESTROY.
+    FlowsEvicted,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::EventsNew,
         Counter::EventsUpdate,
         Counter::EventsDestroy,
@@ -347,6 +349,7 @@ impl Counter {
         Counter::MalformedMessages,
         Counter::TruncatedDatagrams,
         Counter::NetlinkOverruns,
+        Counter::FlowsEvicted,
     ];
 
     /// Slot of the counter in a shard.

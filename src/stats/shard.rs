@@ -34,6 +34,44 @@ use super::summary::{QuantileAccumulator, SlidingQuantiles, SummaryWindow};
 const SLOTS_PER_LINE: usize = 8;
 const LINES: usize = SHARD_SLOTS.div_ceil(SLOTS_PER_LINE);
 
+/// What [`ShardWriter::observe`] needs of a series, computed at compile time
+/// so that a series that is not a constant costs one table lookup, not a
+/// `match` per property.
+#[derive(Clone, Copy)]
+struct Layout {
+    /// [`Series::offset`].
+    offset: usize,
+    /// The family's bounds.
+    bounds: &'static [u64],
+    /// Index of its summary in `Shard::quantiles`, or `NO_SUMMARY`.
+    summary: usize,
+}
+
+const NO_SUMMARY: usize = usize::MAX;
+
+/// [`Layout`] of every series, indexed by `Series as usize`.
+const LAYOUTS: [Layout; Series::ALL.len()] = {
+    let mut out = [Layout {
+        offset: 0,
+        bounds: &[],
+        summary: NO_SUMMARY,
+    }; Series::ALL.len()];
+    let mut i = 0;
+    while i < Series::ALL.len() {
+        let s = Series::ALL[i];
+        out[s as usize] = Layout {
+            offset: s.offset(),
+            bounds: s.family().bounds,
+            summary: match Quantiles::of(s) {
+                Some(q) => q as usize,
+                None => NO_SUMMARY,
+            },
+        };
+        i += 1;
+    }
+    out
+};
+
 /// One writer's counters: whole cache lines, so no two shards share one;
 /// and its sliding quantiles, one per summary series.
 struct Shard {
@@ -137,8 +175,6 @@ impl ShardSet {
             for (objective, value) in q.objectives().iter().zip(out.quantiles.iter_mut()) {
                 *value = acc.quantile(*objective);
             }
-            out.count = acc.count();
-            out.sum = acc.sum();
         }
     }
 }
@@ -179,16 +215,23 @@ impl ShardWriter<'_> {
 
     /// Records `value` (in the series' stored unit) into its bucket and sum,
     /// and into its summary if it has one.
-    #[inline]
+    ///
+    /// Always inlined: callers mostly pass a constant series, and then the
+    /// table lookups fold away and the bucket search is unrolled over the
+    /// family's bounds.
+    #[inline(always)]
     pub fn observe(&mut self, series: Series, value: u64) {
-        let bounds = series.family().bounds;
+        let Layout {
+            offset,
+            bounds,
+            summary,
+        } = LAYOUTS[series as usize];
         // First bound >= value (`le` is inclusive); bounds.len() is +Inf.
         let bucket = bounds.partition_point(|&b| b < value);
-        let offset = series.offset();
         self.add(offset + bucket, 1);
         self.add_f64(offset + bounds.len() + 1, value);
-        if let Some(q) = Quantiles::of(series) {
-            self.shard.quantiles[q as usize].record(value, self.epoch);
+        if let Some(quantiles) = self.shard.quantiles.get(summary) {
+            quantiles.record(value, self.epoch);
         }
     }
 
@@ -205,17 +248,15 @@ impl Drop for ShardWriter<'_> {
     }
 }
 
-/// A summary series at one scrape: its quantiles over the window, and its
-/// count and sum over all time (as the original's Go summaries report them).
+/// A summary series at one scrape: its quantiles over the window. Its count
+/// and sum over all time (as the original's Go summaries report them) are
+/// those of its histogram series, [`Snapshot::count`] and [`Snapshot::sum`]
+/// of `Quantiles::series`: the same observations.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct SummarySnapshot {
     /// One value per objective of the series (`Quantiles::objectives`), in
     /// the stored unit; `None` when the window holds no observation.
     pub quantiles: Vec<Option<f64>>,
-    /// Observations ever recorded.
-    pub count: u64,
-    /// Their sum, in the stored unit.
-    pub sum: u128,
 }
 
 /// Every shard added together: what one scrape renders. Allocated once by the
@@ -235,8 +276,6 @@ impl Default for Snapshot {
             sums: [0.0; Series::ALL.len()],
             summaries: std::array::from_fn(|i| SummarySnapshot {
                 quantiles: vec![None; Quantiles::ALL[i].objectives().len()],
-                count: 0,
-                sum: 0,
             }),
             accumulator: QuantileAccumulator::new(),
         }

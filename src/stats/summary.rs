@@ -2,10 +2,10 @@
 //! computed at scrape time from log-linear histograms.
 //!
 //! Owns: [`SlidingQuantiles`], one per (summary series, writer shard): a ring
-//! of time-slice histograms plus the all-time count and sum; the scrape-side
-//! [`QuantileAccumulator`] that adds shards together and answers quantiles;
-//! and [`SummaryWindow`], the arithmetic from a clock reading to a slice
-//! epoch that writer and scrape must share.
+//! of time-slice histograms; the scrape-side [`QuantileAccumulator`] that
+//! adds shards together and answers quantiles; and [`SummaryWindow`], the
+//! arithmetic from a clock reading to a slice epoch that writer and scrape
+//! must share.
 //! Never: allocates, locks, reads a clock, makes a syscall or uses a
 //! read-modify-write instruction in [`SlidingQuantiles::record`]; keeps a
 //! sample; lets the scrape write to a shard's memory.
@@ -42,9 +42,10 @@
 //! than the scrape's) reuses the slice of `now-K`, never one the scrape
 //! still wants.
 //!
-//! `_count` and `_sum` are Go's: over all time, never going down, kept in
-//! separate counters that record also updates when its epoch is too old for
-//! the ring.
+//! A summary's `_count` and `_sum` are not kept here: they are the count and
+//! sum of its histogram series (`Quantiles::series`), which records the same
+//! observations, so they are Go's: over all time, never going down, and they
+//! include a value whose epoch was too old for the ring.
 //!
 //! # Writer and scrape
 //!
@@ -56,9 +57,9 @@
 //! # Memory
 //!
 //! Per instance, allocated once in [`SlidingQuantiles::new`]:
-//! `(K+1) · (3,776 · 8 + 128) + 256` bytes: 182,272 bytes (178 KiB) for the
+//! `(K+1) · (3,776 · 8 + 128) + 48` bytes: 182,064 bytes (178 KiB) for the
 //! default `K = 5` ([`SlidingQuantiles::heap_bytes`]); 4 series × 64 shards
-//! is 44.5 MiB. A [`QuantileAccumulator`] is 59 KiB.
+//! is 44.4 MiB. A [`QuantileAccumulator`] is 59 KiB.
 
 use std::sync::atomic::{
     fence, AtomicU64, AtomicUsize,
@@ -166,76 +167,6 @@ impl SummaryWindow {
     }
 }
 
-/// A `u128` counter with one writer that never looks torn to a reader.
-///
-/// The low word is written alone while it does not wrap. A carry, once per
-/// 2^64 units, is written as a sequence lock: `seq` odd, then both words,
-/// then `seq` even, the orderings of Boehm's seqlock (`seq` store `Relaxed`,
-/// `Release` fence, data, `seq` store `Release`; the reader mirrors it).
-/// A reader that saw any word written after a carry began sees `seq` changed
-/// and retries, so every value it returns was the counter's value at some
-/// instant, and its successive reads never go down (coherence).
-#[derive(Default)]
-struct WideCounter {
-    low: AtomicU64,
-    high: AtomicU64,
-    seq: AtomicU64,
-}
-
-impl WideCounter {
-    #[inline(always)]
-    fn add(&self, n: u64) {
-        // Single writer: its own Relaxed loads see its own latest stores.
-        let (low, carry) = self.low.load(Relaxed).overflowing_add(n);
-        if !carry {
-            self.low.store(low, Relaxed);
-        } else {
-            self.carry(low);
-        }
-    }
-
-    #[cold]
-    fn carry(&self, low: u64) {
-        let seq = self.seq.load(Relaxed);
-        self.seq.store(seq.wrapping_add(1), Relaxed);
-        fence(Release);
-        self.high
-            .store(self.high.load(Relaxed).wrapping_add(1), Relaxed);
-        self.low.store(low, Relaxed);
-        self.seq.store(seq.wrapping_add(2), Release);
-    }
-
-    fn get(&self) -> u128 {
-        let mut spins = 0u32;
-        loop {
-            let before = self.seq.load(Acquire);
-            let high = self.high.load(Relaxed);
-            let low = self.low.load(Relaxed);
-            fence(Acquire);
-            if before % 2 == 0 && self.seq.load(Relaxed) == before {
-                return (u128::from(high) << 64) | u128::from(low);
-            }
-            // A carry is a few stores long; only a descheduled writer makes
-            // us wait longer, and then we let it run.
-            spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-    }
-}
-
-/// What the writer updates on every record, on its own cache lines.
-#[derive(Default)]
-struct Totals {
-    count: AtomicU64,
-    sum: WideCounter,
-    /// Ring index of the slice the writer recorded into last (writer only).
-    current: AtomicUsize,
-}
-
 /// A slice's epoch stamp and the exact extremes of its values.
 struct SliceHeader {
     epoch: AtomicU64,
@@ -243,12 +174,23 @@ struct SliceHeader {
     max: AtomicU64,
 }
 
-impl SliceHeader {
-    fn empty() -> SliceHeader {
-        SliceHeader {
-            epoch: AtomicU64::new(UNSTAMPED),
-            min: AtomicU64::new(u64::MAX),
-            max: AtomicU64::new(0),
+/// One slice of the ring: its header on a cache line of its own, then its
+/// histogram. A fixed-size array, so a bucket index is checked against a
+/// constant, and one ring index finds both.
+struct Slice {
+    header: CachePadded<SliceHeader>,
+    buckets: [AtomicU64; BUCKETS],
+}
+
+impl Slice {
+    fn empty() -> Slice {
+        Slice {
+            header: CachePadded::new(SliceHeader {
+                epoch: AtomicU64::new(UNSTAMPED),
+                min: AtomicU64::new(u64::MAX),
+                max: AtomicU64::new(0),
+            }),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -257,10 +199,11 @@ impl SliceHeader {
 /// writer shard; see the module doc for the buckets, the window and the
 /// memory it takes.
 pub struct SlidingQuantiles {
-    totals: CachePadded<Totals>,
-    headers: Box<[CachePadded<SliceHeader>]>,
-    /// `headers.len()` histograms of [`BUCKETS`] counts, one after the other.
-    buckets: Box<[AtomicU64]>,
+    /// Ring index of the slice the writer recorded into last (writer only;
+    /// written once per slice, so it needs no cache line of its own).
+    current: AtomicUsize,
+    /// The ring, `K + 1` slices.
+    ring: Box<[Slice]>,
     /// `K`: slices inside the window (the ring has `K + 1`).
     slices: u64,
 }
@@ -270,11 +213,8 @@ impl SlidingQuantiles {
     pub fn new(window: &SummaryWindow) -> SlidingQuantiles {
         let ring = window.slices() as usize + 1;
         SlidingQuantiles {
-            totals: CachePadded::new(Totals::default()),
-            headers: (0..ring)
-                .map(|_| CachePadded::new(SliceHeader::empty()))
-                .collect(),
-            buckets: (0..ring * BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            current: AtomicUsize::new(0),
+            ring: (0..ring).map(|_| Slice::empty()).collect(),
             slices: window.slices(),
         }
     }
@@ -282,8 +222,7 @@ impl SlidingQuantiles {
     /// Bytes one instance takes, itself and its heap, for `slices` = `K`.
     pub const fn heap_bytes(slices: u64) -> usize {
         let ring = slices as usize + 1;
-        size_of::<SlidingQuantiles>()
-            + ring * (size_of::<CachePadded<SliceHeader>>() + BUCKETS * size_of::<AtomicU64>())
+        size_of::<SlidingQuantiles>() + ring * size_of::<Slice>()
     }
 
     /// Records `value` as observed in slice `epoch` (from
@@ -293,30 +232,22 @@ impl SlidingQuantiles {
     /// observations (never memory safety). Allocation-free by construction:
     /// it writes only atomics allocated in [`new`](Self::new), with no
     /// collection that could grow. An `epoch` older than every slice in the
-    /// ring (the writer's clock went back a whole window) counts in
-    /// [`count`](Self::count) and [`sum`](Self::sum) only.
-    #[inline]
+    /// ring (the writer's clock went back a whole window) is not recorded
+    /// here; the histogram series, which holds the summary's `_count` and
+    /// `_sum`, still counts it.
+    #[inline(always)]
     pub fn record(&self, value: u64, epoch: u64) {
         debug_assert_ne!(epoch, UNSTAMPED, "epoch out of range");
-        let totals = &*self.totals;
-        // Single writer: Relaxed load and store cannot lose an update, and
-        // the scrape needs no other memory ordered with these counters
-        // (coherence keeps each from going down between two scrapes).
-        totals
-            .count
-            .store(totals.count.load(Relaxed).wrapping_add(1), Relaxed);
-        totals.sum.add(value);
-
         // Fast path: still in the slice of the last record. Relaxed: the
         // writer reads back its own stores.
-        let mut slot = totals.current.load(Relaxed);
-        if self.headers[slot].epoch.load(Relaxed) != epoch {
+        let mut slice = &self.ring[self.current.load(Relaxed)];
+        if slice.header.epoch.load(Relaxed) != epoch {
             match self.enter(epoch) {
-                Some(s) => slot = s,
+                Some(s) => slice = s,
                 None => return,
             }
         }
-        let header = &self.headers[slot];
+        let header = &*slice.header;
         // The extremes are stored before the bucket's Release store below, so
         // a scrape that counts this value also sees them (merge_into).
         if value < header.min.load(Relaxed) {
@@ -325,7 +256,7 @@ impl SlidingQuantiles {
         if value > header.max.load(Relaxed) {
             header.max.store(value, Relaxed);
         }
-        let bucket = &self.buckets[slot * BUCKETS + bucket_index(value)];
+        let bucket = &slice.buckets[bucket_index(value)];
         bucket.store(bucket.load(Relaxed).wrapping_add(1), Release);
     }
 
@@ -333,9 +264,10 @@ impl SlidingQuantiles {
     /// an older epoch. `None` if it holds a newer one.
     #[cold]
     #[inline(never)]
-    fn enter(&self, epoch: u64) -> Option<usize> {
-        let slot = (epoch % self.headers.len() as u64) as usize;
-        let header = &self.headers[slot];
+    fn enter(&self, epoch: u64) -> Option<&Slice> {
+        let slot = (epoch % self.ring.len() as u64) as usize;
+        let slice = &self.ring[slot];
+        let header = &*slice.header;
         let stamped = header.epoch.load(Relaxed);
         if stamped != UNSTAMPED && stamped > epoch {
             return None;
@@ -350,9 +282,7 @@ impl SlidingQuantiles {
             let (min, max) = (header.min.load(Relaxed), header.max.load(Relaxed));
             if min <= max {
                 // Every non-zero bucket lies between the extremes' buckets.
-                let base = slot * BUCKETS;
-                let used = base + bucket_index(min)..=base + bucket_index(max);
-                for bucket in &self.buckets[used] {
+                for bucket in &slice.buckets[bucket_index(min)..=bucket_index(max)] {
                     bucket.store(0, Relaxed);
                 }
             }
@@ -362,23 +292,12 @@ impl SlidingQuantiles {
             // the slice cleared.
             header.epoch.store(epoch, Release);
         }
-        self.totals.current.store(slot, Relaxed);
-        Some(slot)
-    }
-
-    /// Observations ever recorded (Go's `_count`); never goes down.
-    pub fn count(&self) -> u64 {
-        self.totals.count.load(Relaxed)
-    }
-
-    /// Sum of every value ever recorded (Go's `_sum`), in the caller's unit;
-    /// never goes down and is never torn.
-    pub fn sum(&self) -> u128 {
-        self.totals.sum.get()
+        self.current.store(slot, Relaxed);
+        Some(slice)
     }
 
     /// Adds the slices of epochs `now_epoch-K+1 ..= now_epoch` (those that
-    /// exist) into `acc`, and the all-time count and sum. Only loads.
+    /// exist) into `acc`. Only loads.
     ///
     /// Each slice is read like a sequence lock: its stamp with `Acquire`, its
     /// counts into `acc`'s scratch with `Relaxed`, an `Acquire` fence, then the
@@ -401,9 +320,8 @@ impl SlidingQuantiles {
     /// after the counts, so they bound every value counted (they may also
     /// include a value recorded during the read).
     pub fn merge_into(&self, now_epoch: u64, acc: &mut QuantileAccumulator) {
-        acc.count = acc.count.wrapping_add(self.count());
-        acc.sum = acc.sum.wrapping_add(self.sum());
-        for (slot, header) in self.headers.iter().enumerate() {
+        for slice in self.ring.iter() {
+            let header = &*slice.header;
             let stamped = header.epoch.load(Acquire);
             // UNSTAMPED > now_epoch, so it fails the first test.
             if stamped > now_epoch || now_epoch - stamped >= self.slices {
@@ -414,8 +332,7 @@ impl SlidingQuantiles {
                 continue; // empty
             }
             let used = bucket_index(min)..=bucket_index(max);
-            let base = slot * BUCKETS;
-            let counts = &self.buckets[base + used.start()..=base + used.end()];
+            let counts = &slice.buckets[used.clone()];
             let mut n = 0u64;
             for (scratch, count) in acc.scratch[used.clone()].iter_mut().zip(counts) {
                 *scratch = count.load(Relaxed);
@@ -445,8 +362,8 @@ impl SlidingQuantiles {
 }
 
 /// The scrape's sum of [`SlidingQuantiles`] shards for one series: bucket
-/// counts of the window, extremes, and all-time count and sum. Allocated
-/// once and reused: [`clear`](Self::clear) it before each scrape.
+/// counts of the window and its extremes. Allocated once and reused:
+/// [`clear`](Self::clear) it before each scrape.
 pub struct QuantileAccumulator {
     buckets: Box<[u64]>,
     /// Where `merge_into` reads a slice before it knows the slice is valid.
@@ -457,8 +374,6 @@ pub struct QuantileAccumulator {
     window_count: u64,
     min: u64,
     max: u64,
-    count: u64,
-    sum: u128,
 }
 
 impl Default for QuantileAccumulator {
@@ -471,8 +386,6 @@ impl Default for QuantileAccumulator {
             window_count: 0,
             min: u64::MAX,
             max: 0,
-            count: 0,
-            sum: 0,
         }
     }
 }
@@ -493,8 +406,6 @@ impl QuantileAccumulator {
         self.window_count = 0;
         self.min = u64::MAX;
         self.max = 0;
-        self.count = 0;
-        self.sum = 0;
     }
 
     /// The `q` quantile of the window in the recorded unit: the nearest-rank
@@ -542,17 +453,6 @@ impl QuantileAccumulator {
     pub fn window_count(&self) -> u64 {
         self.window_count
     }
-
-    /// Observations ever recorded, all shards (the summary's `_count`).
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// Sum of all values ever recorded, all shards, in the recorded unit
-    /// (the summary's `_sum`).
-    pub fn sum(&self) -> u128 {
-        self.sum
-    }
 }
 
 #[cfg(test)]
@@ -580,7 +480,7 @@ mod tests {
     }
 
     /// Records `samples` in one epoch and checks every quantile against the
-    /// exact one, plus the extremes, count and sum.
+    /// exact one, plus the extremes and the window's count.
     fn check_against_exact(samples: &[u64]) {
         let shard = SlidingQuantiles::new(&window(5));
         for &v in samples {
@@ -595,11 +495,6 @@ mod tests {
         let mut sorted = samples.to_vec();
         sorted.sort_unstable();
         assert_eq!(acc.window_count(), sorted.len() as u64);
-        assert_eq!(acc.count(), sorted.len() as u64);
-        assert_eq!(
-            acc.sum(),
-            sorted.iter().map(|&v| u128::from(v)).sum::<u128>()
-        );
         assert_eq!(acc.min(), sorted.first().copied());
         assert_eq!(acc.max(), sorted.last().copied());
         assert_eq!(acc.quantile(0.0), Some(sorted[0] as f64));
@@ -734,10 +629,8 @@ mod tests {
         }
         // A reused accumulator gives the same answer after clear.
         merged.clear();
-        assert_eq!(
-            (merged.window_count(), merged.count(), merged.sum()),
-            (0, 0, 0)
-        );
+        assert_eq!(merged.window_count(), 0);
+        assert_eq!((merged.min(), merged.max()), (None, None));
         assert_eq!(merged.quantile(0.5), None);
         for shard in &shards {
             shard.merge_into(3, &mut merged);
@@ -746,7 +639,7 @@ mod tests {
     }
 
     #[test]
-    fn old_slices_leave_the_window_but_not_count_and_sum() {
+    fn old_slices_leave_the_window() {
         const K: u64 = 5;
         let q = SlidingQuantiles::new(&window(K));
         let mut acc = QuantileAccumulator::new();
@@ -776,10 +669,6 @@ mod tests {
         );
         assert_eq!((acc.min(), acc.max()), (Some(5_000), Some(5_099)));
         assert!(acc.quantile(0.99).unwrap() < 5_100.0);
-        assert_eq!(acc.count(), 3300, "count is over all time");
-        let wide: u128 = (0..1000u128).map(|v| v * 1_000_000_000).sum::<u128>() * 3;
-        let narrow: u128 = (5_000..5_100u128).sum::<u128>() * 3;
-        assert_eq!(acc.sum(), wide + narrow, "sum is over all time");
 
         // The window is now-K+1 ..= now: epoch 10 is in at 14, out at 15.
         merged(14, &mut acc);
@@ -794,7 +683,6 @@ mod tests {
             (acc.quantile(0.5), acc.quantile(1.0), acc.min()),
             (None, None, None)
         );
-        assert_eq!(acc.count(), 3300);
         // A scrape behind the writer does not see the writer's newer slices.
         merged(11, &mut acc);
         assert_eq!(acc.window_count(), 200);
@@ -806,11 +694,19 @@ mod tests {
             (acc.window_count(), acc.min(), acc.max()),
             (1, Some(7), Some(7))
         );
-        // An epoch older than its ring slice counts in count and sum only.
+        // An epoch older than its ring slice is not recorded.
         q.record(1_000, 12);
         merged(18, &mut acc);
-        assert_eq!(acc.window_count(), 1);
-        assert_eq!(acc.count(), 3302);
+        assert_eq!(
+            (acc.window_count(), acc.min(), acc.max()),
+            (1, Some(7), Some(7))
+        );
+        // Nor anywhere a scrape at 12 looks: epoch 12's slice is 18's now.
+        merged(12, &mut acc);
+        assert_eq!(
+            (acc.window_count(), acc.min(), acc.max()),
+            (200, Some(5_000), Some(5_099))
+        );
         // Going back inside the ring is fine: epoch 17's slice was 11's.
         q.record(9, 17);
         merged(18, &mut acc);
@@ -832,18 +728,8 @@ mod tests {
         let bytes = SlidingQuantiles::heap_bytes(SummaryWindow::DEFAULT_SLICES);
         assert!(bytes <= 300 * 1024, "{bytes} bytes per instance");
         if cfg!(target_arch = "x86_64") {
-            assert_eq!(bytes, 182_272, "as the module doc says");
+            assert_eq!(bytes, 182_064, "as the module doc says");
         }
-    }
-
-    #[test]
-    fn sum_carries_into_the_high_word() {
-        let q = SlidingQuantiles::new(&window(1));
-        for _ in 0..10 {
-            q.record(u64::MAX, 0);
-        }
-        assert_eq!(q.sum(), u128::from(u64::MAX) * 10);
-        assert_eq!(q.count(), 10);
     }
 
     /// A writer moves through epochs (with gaps) while a scraper merges in a
@@ -920,35 +806,6 @@ mod tests {
             .map(|&(_, n)| n)
             .sum();
         assert_eq!(acc.window_count(), expected);
-        assert_eq!(acc.count(), schedule.iter().map(|&(_, n)| n).sum::<u64>());
-    }
-
-    /// The sum's carries never show torn: every value read is a multiple of
-    /// the one value added, and reads never go down.
-    #[test]
-    fn sum_is_never_torn_under_a_concurrent_reader() {
-        const V: u64 = u64::MAX / 3 + 12_345;
-        const ADDS: u64 = 200_000;
-        let counter = WideCounter::default();
-        let done = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                for _ in 0..ADDS {
-                    counter.add(V);
-                }
-                done.store(true, Release);
-            });
-            s.spawn(|| {
-                let mut last = 0u128;
-                while !done.load(Acquire) {
-                    let sum = counter.get();
-                    assert_eq!(sum % u128::from(V), 0, "torn: {sum}");
-                    assert!(sum >= last);
-                    last = sum;
-                }
-            });
-        });
-        assert_eq!(counter.get(), u128::from(V) * u128::from(ADDS));
     }
 
     fn sample() -> impl Strategy<Value = u64> {

@@ -1,0 +1,332 @@
+//! The flow table: per-flow state between events, in memory allocated once
+//! at start, with a fixed capacity.
+//!
+//! Owns: lookup by conntrack id, insertion, removal, and eviction of the
+//! oldest flows when full.
+//! Never: allocates or grows after construction; scans the table per event.
+//!
+//! Flows live in a slab of entries allocated at start, linked in insertion
+//! order (oldest first) by index, with a free list. An index of open
+//! addressing with linear probing (power of two, at most half full,
+//! backward-shift deletion, so no tombstones and short probes under churn)
+//! maps a conntrack id to its entry. Insert, lookup, remove and evict-oldest
+//! are all O(1).
+
+/// What the table keeps of one flow. Times are wall-clock nanoseconds
+/// (the kernel's event stamps, or the batch's receive time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// Moment the flow was first seen with SEEN_REPLY, if it was.
+    pub seen_reply_ns: Option<u64>,
+    /// Moment the flow was first seen in a closing TCP state, if it was.
+    pub fin_ns: Option<u64>,
+    /// Whether every event of the flow up to its seen-reply moment was
+    /// received (NEW seen, no overrun since): only then is it measured.
+    pub seen_reply_complete: bool,
+    /// The same for the FIN moment.
+    pub fin_complete: bool,
+    /// Whether the flow's NEW event was received.
+    pub saw_new: bool,
+    /// The reader's overrun count when the NEW event was received.
+    pub overruns_at_new: u32,
+}
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    id: u32,
+    prev: u32,
+    next: u32,
+    state: FlowState,
+}
+
+/// An index cell: conntrack id and entry index; `entry == NIL` is empty.
+#[derive(Clone, Copy, Debug)]
+struct Cell {
+    id: u32,
+    entry: u32,
+}
+
+const EMPTY: Cell = Cell { id: 0, entry: NIL };
+
+/// A bounded map from conntrack id to [`FlowState`], oldest evicted first.
+pub struct FlowTable {
+    entries: Box<[Entry]>,
+    index: Box<[Cell]>,
+    mask: usize,
+    /// Oldest and newest entry (insertion order), and the free list.
+    oldest: u32,
+    newest: u32,
+    free: u32,
+    len: usize,
+}
+
+/// What an insertion did to make room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// There was room.
+    Fresh,
+    /// The table was full: the oldest flow (this id) was evicted.
+    Evicted(u32),
+}
+
+#[inline]
+fn hash(id: u32) -> usize {
+    // Fibonacci hashing: kernel ids are already hashed; this spreads what
+    // structure is left into the bits we index with.
+    (u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize
+}
+
+impl FlowTable {
+    /// A table for at most `capacity` flows (1 to 2^31). Allocates
+    /// everything it will ever use.
+    pub fn new(capacity: usize) -> FlowTable {
+        let capacity = capacity.clamp(1, 1 << 31);
+        let cells = (capacity * 2).next_power_of_two();
+        let entries = (0..capacity)
+            .map(|i| Entry {
+                id: 0,
+                prev: NIL,
+                // The free list threads every entry at start.
+                next: if i + 1 < capacity {
+                    (i + 1) as u32
+                } else {
+                    NIL
+                },
+                state: FlowState::default(),
+            })
+            .collect();
+        FlowTable {
+            entries,
+            index: vec![EMPTY; cells].into_boxed_slice(),
+            mask: cells - 1,
+            oldest: NIL,
+            newest: NIL,
+            free: 0,
+            len: 0,
+        }
+    }
+
+    /// Flows in the table.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the table holds no flow.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most flows it holds.
+    pub fn capacity(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Bytes allocated for the table.
+    pub fn allocated_bytes(&self) -> usize {
+        self.entries.len() * std::mem::size_of::<Entry>()
+            + self.index.len() * std::mem::size_of::<Cell>()
+    }
+
+    /// The index cell holding `id`.
+    fn find(&self, id: u32) -> Option<usize> {
+        let mut i = hash(id) & self.mask;
+        loop {
+            let cell = self.index[i];
+            if cell.entry == NIL {
+                return None;
+            }
+            if cell.id == id {
+                return Some(i);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// The flow with conntrack id `id`.
+    pub fn get_mut(&mut self, id: u32) -> Option<&mut FlowState> {
+        let e = self.index[self.find(id)?].entry as usize;
+        Some(&mut self.entries[e].state)
+    }
+
+    /// Inserts `state` for `id` as the newest flow, replacing any flow with
+    /// that id (its DESTROY was lost, or the kernel reused the id). Evicts
+    /// the oldest flow if the table is full.
+    pub fn insert(&mut self, id: u32, state: FlowState) -> (&mut FlowState, Inserted) {
+        if let Some(cell) = self.find(id) {
+            self.remove_cell(cell);
+        }
+        let mut outcome = Inserted::Fresh;
+        if self.free == NIL {
+            let old = self.entries[self.oldest as usize].id;
+            if let Some(cell) = self.find(old) {
+                self.remove_cell(cell);
+            }
+            outcome = Inserted::Evicted(old);
+        }
+        let e = self.free;
+        self.free = self.entries[e as usize].next;
+        self.entries[e as usize] = Entry {
+            id,
+            prev: self.newest,
+            next: NIL,
+            state,
+        };
+        match self.newest {
+            NIL => self.oldest = e,
+            n => self.entries[n as usize].next = e,
+        }
+        self.newest = e;
+        let mut i = hash(id) & self.mask;
+        while self.index[i].entry != NIL {
+            i = (i + 1) & self.mask;
+        }
+        self.index[i] = Cell { id, entry: e };
+        self.len += 1;
+        (&mut self.entries[e as usize].state, outcome)
+    }
+
+    /// Removes the flow `id`, returning its state.
+    pub fn remove(&mut self, id: u32) -> Option<FlowState> {
+        let cell = self.find(id)?;
+        Some(self.remove_cell(cell))
+    }
+
+    fn remove_cell(&mut self, cell: usize) -> FlowState {
+        let e = self.index[cell].entry;
+        let Entry {
+            prev, next, state, ..
+        } = self.entries[e as usize];
+        match prev {
+            NIL => self.oldest = next,
+            p => self.entries[p as usize].next = next,
+        }
+        match next {
+            NIL => self.newest = prev,
+            n => self.entries[n as usize].prev = prev,
+        }
+        self.entries[e as usize].next = self.free;
+        self.free = e;
+        self.len -= 1;
+        self.unindex(cell);
+        state
+    }
+
+    /// Backward-shift deletion: later members of the probe run move into the
+    /// hole so every remaining id stays reachable from its home cell.
+    fn unindex(&mut self, mut hole: usize) {
+        self.index[hole] = EMPTY;
+        let mut i = (hole + 1) & self.mask;
+        while self.index[i].entry != NIL {
+            let home = hash(self.index[i].id) & self.mask;
+            // Move it unless its home lies cyclically in (hole, i].
+            let dist_home = i.wrapping_sub(home) & self.mask;
+            let dist_hole = i.wrapping_sub(hole) & self.mask;
+            if dist_home >= dist_hole {
+                self.index[hole] = self.index[i];
+                self.index[i] = EMPTY;
+                hole = i;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn state(ns: u64) -> FlowState {
+        FlowState {
+            seen_reply_ns: Some(ns),
+            ..FlowState::default()
+        }
+    }
+
+    #[test]
+    fn insert_get_remove() {
+        let mut t = FlowTable::new(8);
+        t.insert(7, state(1));
+        t.insert(9, state(2));
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.get_mut(7).unwrap().seen_reply_ns, Some(1));
+        assert_eq!(t.remove(7).unwrap().seen_reply_ns, Some(1));
+        assert!(t.get_mut(7).is_none());
+        assert!(t.remove(7).is_none());
+        assert_eq!(t.len(), 1);
+        // Id 0 and u32::MAX are ordinary ids.
+        t.insert(0, state(3));
+        t.insert(u32::MAX, state(4));
+        assert_eq!(t.get_mut(0).unwrap().seen_reply_ns, Some(3));
+        assert_eq!(t.get_mut(u32::MAX).unwrap().seen_reply_ns, Some(4));
+    }
+
+    #[test]
+    fn reinserting_an_id_replaces_the_flow() {
+        let mut t = FlowTable::new(4);
+        t.insert(5, state(1));
+        t.insert(5, state(2));
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.get_mut(5).unwrap().seen_reply_ns, Some(2));
+    }
+
+    #[test]
+    fn when_full_the_oldest_live_flow_is_evicted() {
+        let mut t = FlowTable::new(3);
+        for id in 1..=3 {
+            assert_eq!(t.insert(id, state(id.into())).1, Inserted::Fresh);
+        }
+        assert_eq!(t.insert(4, state(4)).1, Inserted::Evicted(1));
+        assert!(t.get_mut(1).is_none());
+        // A flow that ended frees its room, wherever it was in the order.
+        t.remove(3);
+        assert_eq!(t.insert(5, state(5)).1, Inserted::Fresh);
+        assert_eq!(t.insert(6, state(6)).1, Inserted::Evicted(2));
+        assert_eq!(t.len(), 3);
+        // Replacing a flow in a full table evicts nothing, and the new one is
+        // the newest.
+        assert_eq!(t.insert(4, state(40)).1, Inserted::Fresh);
+        assert_eq!(t.insert(7, state(7)).1, Inserted::Evicted(5));
+        assert_eq!(t.get_mut(4).unwrap().seen_reply_ns, Some(40));
+    }
+
+    #[test]
+    fn matches_a_hashmap_under_random_churn() {
+        let mut t = FlowTable::new(64);
+        let mut model: HashMap<u32, u64> = HashMap::new();
+        let mut order: Vec<u32> = Vec::new();
+        let mut x = 12345u64;
+        for step in 0..200_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Few distinct ids, so collisions, reuse and eviction all happen.
+            let id = (x % 150) as u32;
+            if x % 3 == 0 {
+                assert_eq!(
+                    t.remove(id).map(|s| s.seen_reply_ns.unwrap()),
+                    model.remove(&id)
+                );
+                order.retain(|&o| o != id);
+            } else {
+                let (_, outcome) = t.insert(id, state(step));
+                if model.insert(id, step).is_some() {
+                    order.retain(|&o| o != id);
+                }
+                order.push(id);
+                if let Inserted::Evicted(old) = outcome {
+                    assert_eq!(order.first(), Some(&old), "evicted the oldest");
+                    order.remove(0);
+                    model.remove(&old);
+                }
+                assert!(model.len() <= 64);
+            }
+            assert_eq!(t.len(), model.len());
+        }
+        for (id, v) in &model {
+            assert_eq!(t.get_mut(*id).unwrap().seen_reply_ns, Some(*v));
+        }
+    }
+}

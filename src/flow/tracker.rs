@@ -1,0 +1,767 @@
+//! What a Service flow's events mean: the moments it saw its first reply and
+//! its first FIN, and, at its DESTROY, the observations it yields.
+//!
+//! Owns: which events count (original destination in a Service subnet and
+//! not in an excluded one, DNAT'd to a backend), the per-flow milestones, and
+//! the rule that a flow is measured only when none of its events can have
+//! been lost.
+//! Never: allocates, locks, logs or makes a syscall per event.
+//!
+//! Clocks: every moment is wall-clock nanoseconds. The flow's start and stop
+//! come from the kernel (`CTA_TIMESTAMP` on DESTROY). The seen-reply and FIN
+//! moments are the kernel's stamp of the event that showed them
+//! (`CTA_TIMESTAMP_EVENT`, Linux 6.14+), or else the receive time of the
+//! batch that carried it, as the Go original always does.
+//!
+//! - seen-reply latency = first event with `SEEN_REPLY` - flow start;
+//! - FIN latency (TCP) = first event in a closing state (FIN_WAIT,
+//!   CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE) - flow start: the kernel may
+//!   skip FIN_WAIT when both FINs cross, which cost the original ~1 flow in
+//!   20,000 as an "events order" error;
+//! - throughput (TCP, per direction) = bytes at DESTROY / FIN latency;
+//! - duration = stop - start; bytes and packets per direction, at DESTROY.
+//!
+//! Lost events: a latency is observed only if the flow's NEW event was
+//! received and no overrun (`ENOBUFS`) happened between it and the
+//! milestone, so a milestone is never taken from a later event than the one
+//! that really showed it. DESTROY-only observations (duration, bytes,
+//! packets) carry their own data and are always taken.
+
+use crate::stats::{Counter, Series, ShardWriter};
+use crate::wire::{CtEvent, EventKind, Status, TcpState};
+
+use super::table::{FlowState, FlowTable, Inserted};
+use super::Subnet;
+
+/// `IPPROTO_TCP`.
+const TCP: u8 = 6;
+
+/// Which flows are Service flows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFilter {
+    services: Vec<Subnet>,
+    excluded: Vec<Subnet>,
+}
+
+impl ServiceFilter {
+    /// Flows to any of `services` but none of `excluded`.
+    pub fn new(services: Vec<Subnet>, excluded: Vec<Subnet>) -> ServiceFilter {
+        ServiceFilter { services, excluded }
+    }
+
+    /// Whether `ev` belongs to a Service flow: its original destination is in
+    /// a Service subnet and in no excluded one, and the flow was DNAT'd (the
+    /// kernel says `DST_NAT`, or the reply comes from another address).
+    #[inline]
+    pub fn counts(&self, ev: &CtEvent) -> bool {
+        let Some(dst) = ev.orig.and_then(|t| t.dst) else {
+            return false;
+        };
+        if !self.services.iter().any(|s| s.contains(dst))
+            || self.excluded.iter().any(|s| s.contains(dst))
+        {
+            return false;
+        }
+        let dnat_status = ev.status.is_some_and(|s| s.has(Status::DST_NAT));
+        let reply_elsewhere = ev.reply.and_then(|t| t.src).is_some_and(|src| src != dst);
+        dnat_status || reply_elsewhere
+    }
+}
+
+/// Service flows between their NEW and their DESTROY.
+pub struct FlowTracker {
+    filter: ServiceFilter,
+    table: FlowTable,
+    /// Overruns seen so far (wrapping): a flow remembers the count at its NEW.
+    overruns: u32,
+}
+
+impl FlowTracker {
+    /// A tracker for at most `max_flows` flows at once, allocated now.
+    pub fn new(filter: ServiceFilter, max_flows: usize) -> FlowTracker {
+        FlowTracker {
+            filter,
+            table: FlowTable::new(max_flows),
+            overruns: 0,
+        }
+    }
+
+    /// Flows being tracked.
+    pub fn flows(&self) -> usize {
+        self.table.len()
+    }
+
+    /// The table's capacity.
+    pub fn capacity(&self) -> usize {
+        self.table.capacity()
+    }
+
+    /// The socket overran: events of any open flow may be lost.
+    #[inline]
+    pub fn overrun(&mut self) {
+        self.overruns = self.overruns.wrapping_add(1);
+    }
+
+    /// Takes one event. `received_ns` is the wall-clock receive time of its
+    /// batch, used when the kernel did not stamp the event.
+    #[inline]
+    pub fn event(&mut self, ev: &CtEvent, received_ns: u64, shard: &mut ShardWriter<'_>) {
+        if !self.filter.counts(ev) {
+            return;
+        }
+        let Some(id) = ev.id else {
+            return;
+        };
+        let moment = Moment {
+            at: ev.timestamp_event.unwrap_or(received_ns),
+            seen_reply: ev.status.is_some_and(|s| s.has(Status::SEEN_REPLY)),
+            fin: ev.orig.and_then(|t| t.proto) == Some(TCP)
+                && ev.tcp_state.is_some_and(TcpState::is_closing),
+            overruns: self.overruns,
+        };
+        match ev.kind {
+            EventKind::New => {
+                let fresh = FlowState {
+                    saw_new: true,
+                    overruns_at_new: self.overruns,
+                    ..FlowState::default()
+                };
+                let (flow, inserted) = self.table.insert(id, fresh);
+                moment.apply(flow);
+                count_eviction(inserted, shard);
+            }
+            EventKind::Update => match self.table.get_mut(id) {
+                Some(flow) => moment.apply(flow),
+                None => {
+                    // Its NEW was not received (lost, or the flow is older
+                    // than the table's last eviction): tracked, never measured.
+                    let (flow, inserted) = self.table.insert(id, FlowState::default());
+                    moment.apply(flow);
+                    count_eviction(inserted, shard);
+                }
+            },
+            EventKind::Destroy => {
+                let mut flow = self.table.remove(id).unwrap_or_default();
+                // A DESTROY comes when the entry is removed, which for an
+                // expired flow is long after its last packet: it never sets
+                // the seen-reply moment. A connection reset after it was
+                // answered is closed by its DESTROY alone (state CLOSE, no
+                // UPDATE): its FIN moment is the kernel's stop stamp.
+                if moment.fin && flow.fin_ns.is_none() && flow.seen_reply_ns.is_some() {
+                    if let Some(stop) = ev.timestamp.and_then(|t| t.stop) {
+                        flow.fin_ns = Some(stop);
+                        flow.fin_complete = moment.complete(&flow);
+                    }
+                }
+                observe_destroy(ev, &flow, shard);
+            }
+        }
+    }
+}
+
+fn count_eviction(inserted: Inserted, shard: &mut ShardWriter<'_>) {
+    if let Inserted::Evicted(_) = inserted {
+        shard.count(Counter::FlowsEvicted, 1);
+    }
+}
+
+/// What one event shows about its flow.
+struct Moment {
+    at: u64,
+    seen_reply: bool,
+    fin: bool,
+    overruns: u32,
+}
+
+impl Moment {
+    /// Whether every event of `flow` up to now was received.
+    #[inline]
+    fn complete(&self, flow: &FlowState) -> bool {
+        flow.saw_new && flow.overruns_at_new == self.overruns
+    }
+
+    /// Records the milestones a NEW or UPDATE shows. A FIN counts only for
+    /// a connection that was answered: a refused one (SYN, RST) has no FIN
+    /// latency.
+    #[inline]
+    fn apply(&self, flow: &mut FlowState) {
+        let complete = self.complete(flow);
+        if self.seen_reply && flow.seen_reply_ns.is_none() {
+            flow.seen_reply_ns = Some(self.at);
+            flow.seen_reply_complete = complete;
+        }
+        if self.fin && flow.fin_ns.is_none() && flow.seen_reply_ns.is_some() {
+            flow.fin_ns = Some(self.at);
+            flow.fin_complete = complete;
+        }
+    }
+}
+
+/// The observations of a flow at its DESTROY.
+fn observe_destroy(ev: &CtEvent, flow: &FlowState, shard: &mut ShardWriter<'_>) {
+    // As the original: only a DESTROY with the kernel's start and stop
+    // (timestamps were on when the flow was created) yields observations.
+    let Some((start, stop)) = ev.timestamp.and_then(|t| Some((t.start?, t.stop?))) else {
+        return;
+    };
+    match stop.checked_sub(start) {
+        Some(d) => shard.observe(Series::Duration, d / 1_000),
+        None => shard.count(Counter::EventsOrderErrors, 1),
+    }
+    let to = ev.counters_orig.unwrap_or_default();
+    let from = ev.counters_reply.unwrap_or_default();
+    for (value, series) in [
+        (to.bytes, Series::BytesToService),
+        (to.packets, Series::PacketsToService),
+        (from.bytes, Series::BytesFromService),
+        (from.packets, Series::PacketsFromService),
+    ] {
+        if let Some(v) = value {
+            shard.observe(series, v);
+        }
+    }
+    if let (Some(at), true) = (flow.seen_reply_ns, flow.seen_reply_complete) {
+        match at.checked_sub(start) {
+            Some(l) => shard.observe(Series::SeenReplyLatency, l),
+            None => shard.count(Counter::EventsOrderErrors, 1),
+        }
+    }
+    let tcp = ev.orig.and_then(|t| t.proto) == Some(TCP);
+    if let (Some(at), true, true) = (flow.fin_ns, flow.fin_complete, tcp) {
+        match at.checked_sub(start) {
+            Some(l) => {
+                shard.observe(Series::FinLatency, l);
+                if l > 0 {
+                    for (bytes, series) in [
+                        (to.bytes, Series::FinThroughputToService),
+                        (from.bytes, Series::FinThroughputFromService),
+                    ] {
+                        if let Some(b) = bytes {
+                            // Thousandths of a byte per second: b * 1e3 / (l / 1e9).
+                            let milli = u128::from(b) * 1_000_000_000_000 / u128::from(l);
+                            shard.observe(series, u64::try_from(milli).unwrap_or(u64::MAX));
+                        }
+                    }
+                }
+            }
+            None => shard.count(Counter::EventsOrderErrors, 1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Hand-built event sequences, and the kernel captures replayed.
+    use super::*;
+    use crate::stats::summary::SummaryWindow;
+    use crate::stats::{ShardSet, Snapshot};
+    use crate::wire::{capture, Counters, Timestamp, Tuple};
+    use std::net::IpAddr;
+
+    const VIP: &str = "10.96.1.1";
+    const CLIENT: &str = "10.200.1.2";
+    const BACKEND: &str = "10.200.2.2";
+    const MS: u64 = 1_000_000;
+    const T0: u64 = 1_795_000_000_000_000_000;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn filter() -> ServiceFilter {
+        ServiceFilter::new(
+            vec![
+                "10.96.0.0/16".parse().unwrap(),
+                "fd00:96::/112".parse().unwrap(),
+            ],
+            vec!["10.96.0.0/24".parse().unwrap()],
+        )
+    }
+
+    /// An event of a DNAT'd flow CLIENT -> VIP:80, backend BACKEND:8080.
+    fn ev(
+        kind: EventKind,
+        id: u32,
+        proto: u8,
+        state: Option<TcpState>,
+        status: u32,
+        at: u64,
+    ) -> CtEvent {
+        CtEvent {
+            id: Some(id),
+            status: Some(Status(status)),
+            orig: Some(Tuple {
+                src: Some(ip(CLIENT)),
+                dst: Some(ip(VIP)),
+                proto: Some(proto),
+                src_port: Some(40000),
+                dst_port: Some(80),
+                ..Tuple::default()
+            }),
+            reply: Some(Tuple {
+                src: Some(ip(BACKEND)),
+                dst: Some(ip(CLIENT)),
+                proto: Some(proto),
+                src_port: Some(8080),
+                dst_port: Some(40000),
+                ..Tuple::default()
+            }),
+            tcp_state: state,
+            timestamp_event: Some(at),
+            ..CtEvent::empty(kind, 2)
+        }
+    }
+
+    const NAT: u32 = Status::CONFIRMED | Status::DST_NAT;
+    const REPLIED: u32 = NAT | Status::SEEN_REPLY;
+
+    fn destroy(id: u32, proto: u8, state: Option<TcpState>, start: u64, stop: u64) -> CtEvent {
+        CtEvent {
+            counters_orig: Some(Counters {
+                packets: Some(5),
+                bytes: Some(346),
+            }),
+            counters_reply: Some(Counters {
+                packets: Some(5),
+                bytes: Some(354),
+            }),
+            timestamp: Some(Timestamp {
+                start: Some(start),
+                stop: Some(stop),
+            }),
+            ..ev(
+                EventKind::Destroy,
+                id,
+                proto,
+                state,
+                REPLIED | Status::DYING,
+                stop + 500 * MS,
+            )
+        }
+    }
+
+    struct Run {
+        shards: ShardSet,
+    }
+
+    impl Run {
+        fn new() -> Run {
+            Run {
+                shards: ShardSet::new(1, SummaryWindow::from_minutes(10)),
+            }
+        }
+
+        fn feed(&self, tracker: &mut FlowTracker, events: &[CtEvent]) {
+            let mut w = self.shards.writer(0).unwrap();
+            for e in events {
+                tracker.event(e, e.timestamp_event.unwrap_or(0) + 7 * MS, &mut w);
+            }
+        }
+
+        fn snap(&self) -> Snapshot {
+            let mut s = Snapshot::default();
+            self.shards.merge_into(&mut s);
+            s
+        }
+    }
+
+    fn tcp_flow(id: u32, states: &[TcpState]) -> Vec<CtEvent> {
+        let mut v = vec![ev(
+            EventKind::New,
+            id,
+            6,
+            Some(TcpState::SYN_SENT),
+            NAT,
+            T0 + MS,
+        )];
+        for (i, s) in states.iter().enumerate() {
+            let status = if *s == TcpState::SYN_SENT {
+                NAT
+            } else {
+                REPLIED
+            };
+            v.push(ev(
+                EventKind::Update,
+                id,
+                6,
+                Some(*s),
+                status,
+                T0 + (i as u64 + 2) * MS,
+            ));
+        }
+        v.push(destroy(id, 6, Some(TcpState::TIME_WAIT), T0, T0 + 100 * MS));
+        v
+    }
+
+    #[test]
+    fn a_tcp_flow_yields_every_observation_from_kernel_stamps() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        use TcpState as S;
+        run.feed(
+            &mut t,
+            &tcp_flow(
+                1,
+                &[
+                    S::SYN_RECV,
+                    S::ESTABLISHED,
+                    S::FIN_WAIT,
+                    S::LAST_ACK,
+                    S::TIME_WAIT,
+                ],
+            ),
+        );
+        let s = run.snap();
+        // SYN_RECV stamped T0+2ms, FIN_WAIT T0+4ms, flow start T0.
+        assert_eq!(
+            (
+                s.count(Series::SeenReplyLatency),
+                s.sum(Series::SeenReplyLatency)
+            ),
+            (1, (2 * MS) as f64)
+        );
+        assert_eq!(
+            (s.count(Series::FinLatency), s.sum(Series::FinLatency)),
+            (1, (4 * MS) as f64)
+        );
+        assert_eq!(s.sum(Series::Duration), 100_000.0, "100 ms in microseconds");
+        assert_eq!(s.sum(Series::BytesToService), 346.0);
+        assert_eq!(s.sum(Series::PacketsFromService), 5.0);
+        // 346 bytes in 4 ms = 86,500 B/s, in thousandths.
+        assert_eq!(s.sum(Series::FinThroughputToService), 86_500_000.0);
+        assert_eq!(s.sum(Series::FinThroughputFromService), 88_500_000.0);
+        assert_eq!(s.counter(Counter::EventsOrderErrors), 0);
+        assert_eq!(t.flows(), 0, "DESTROY removes the flow");
+    }
+
+    #[test]
+    fn fin_comes_from_the_first_closing_state_when_fin_wait_is_skipped() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        use TcpState as S;
+        // Both FINs crossed: no FIN_WAIT update, CLOSE_WAIT first.
+        run.feed(
+            &mut t,
+            &tcp_flow(
+                2,
+                &[
+                    S::SYN_RECV,
+                    S::ESTABLISHED,
+                    S::CLOSE_WAIT,
+                    S::LAST_ACK,
+                    S::TIME_WAIT,
+                ],
+            ),
+        );
+        // And one that jumps from ESTABLISHED straight to TIME_WAIT.
+        run.feed(
+            &mut t,
+            &tcp_flow(3, &[S::SYN_RECV, S::ESTABLISHED, S::TIME_WAIT]),
+        );
+        let s = run.snap();
+        assert_eq!(s.count(Series::FinLatency), 2);
+        assert_eq!(s.sum(Series::FinLatency), (8 * MS) as f64, "4 ms each");
+        assert_eq!(s.counter(Counter::EventsOrderErrors), 0);
+    }
+
+    #[test]
+    fn udp_yields_seen_reply_and_duration_but_no_fin() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        run.feed(
+            &mut t,
+            &[
+                ev(EventKind::New, 4, 17, None, NAT, T0 + MS),
+                ev(EventKind::Update, 4, 17, None, REPLIED, T0 + 3 * MS),
+                destroy(4, 17, None, T0, T0 + 30 * MS),
+            ],
+        );
+        let s = run.snap();
+        assert_eq!(s.sum(Series::SeenReplyLatency), (3 * MS) as f64);
+        assert_eq!(s.count(Series::Duration), 1);
+        assert_eq!(s.count(Series::FinLatency), 0);
+        assert_eq!(s.count(Series::FinThroughputToService), 0);
+    }
+
+    #[test]
+    fn a_refused_connection_has_a_duration_and_no_latency() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        let mut d = destroy(5, 6, Some(TcpState::CLOSE), T0, T0 + MS);
+        d.status = Some(Status(NAT | Status::DYING));
+        run.feed(
+            &mut t,
+            &[
+                ev(EventKind::New, 5, 6, Some(TcpState::SYN_SENT), NAT, T0),
+                d,
+            ],
+        );
+        let s = run.snap();
+        assert_eq!(s.count(Series::Duration), 1);
+        assert_eq!(s.count(Series::SeenReplyLatency), 0);
+        // CLOSE, but the connection was never answered: no FIN latency.
+        assert_eq!(s.count(Series::FinLatency), 0);
+    }
+
+    #[test]
+    fn an_answered_connection_reset_is_closed_at_its_stop_stamp() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        let mut d = destroy(18, 6, Some(TcpState::CLOSE), T0, T0 + 9 * MS);
+        d.timestamp_event = Some(T0 + 9 * MS + 5);
+        run.feed(
+            &mut t,
+            &[
+                ev(
+                    EventKind::New,
+                    18,
+                    6,
+                    Some(TcpState::SYN_SENT),
+                    NAT,
+                    T0 + MS,
+                ),
+                ev(
+                    EventKind::Update,
+                    18,
+                    6,
+                    Some(TcpState::SYN_RECV),
+                    REPLIED,
+                    T0 + 2 * MS,
+                ),
+                ev(
+                    EventKind::Update,
+                    18,
+                    6,
+                    Some(TcpState::ESTABLISHED),
+                    REPLIED,
+                    T0 + 3 * MS,
+                ),
+                d,
+            ],
+        );
+        let s = run.snap();
+        assert_eq!(s.sum(Series::FinLatency), (9 * MS) as f64);
+        // An idle ESTABLISHED flow that expires has no FIN.
+        let mut idle = destroy(19, 6, Some(TcpState::ESTABLISHED), T0, T0 + 9 * MS);
+        idle.timestamp_event = Some(T0 + 99 * MS);
+        run.feed(
+            &mut t,
+            &[
+                ev(
+                    EventKind::New,
+                    19,
+                    6,
+                    Some(TcpState::SYN_SENT),
+                    NAT,
+                    T0 + MS,
+                ),
+                ev(
+                    EventKind::Update,
+                    19,
+                    6,
+                    Some(TcpState::SYN_RECV),
+                    REPLIED,
+                    T0 + 2 * MS,
+                ),
+                idle,
+            ],
+        );
+        assert_eq!(run.snap().count(Series::FinLatency), 1);
+    }
+
+    #[test]
+    fn flows_outside_services_excluded_or_without_dnat_are_not_counted() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        let mut other = tcp_flow(6, &[TcpState::SYN_RECV]);
+        for e in &mut other {
+            e.orig.as_mut().unwrap().dst = Some(ip("10.97.0.1"));
+        }
+        let mut excluded = tcp_flow(7, &[TcpState::SYN_RECV]);
+        for e in &mut excluded {
+            e.orig.as_mut().unwrap().dst = Some(ip("10.96.0.10"));
+        }
+        let mut direct = tcp_flow(8, &[TcpState::SYN_RECV]);
+        for e in &mut direct {
+            e.status = e.status.map(|s| Status(s.0 & !Status::DST_NAT));
+            e.reply.as_mut().unwrap().src = Some(ip(VIP));
+        }
+        for flow in [other, excluded, direct] {
+            run.feed(&mut t, &flow);
+        }
+        let s = run.snap();
+        for series in Series::ALL.iter().filter(|s| **s != Series::ReaderBatch) {
+            assert_eq!(s.count(*series), 0, "{series:?}");
+        }
+        assert_eq!(t.flows(), 0);
+    }
+
+    #[test]
+    fn ipv6_service_flows_count() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        let mut flow = tcp_flow(9, &[TcpState::SYN_RECV, TcpState::FIN_WAIT]);
+        for e in &mut flow {
+            e.family = 10;
+            e.orig.as_mut().unwrap().dst = Some(ip("fd00:96::a"));
+            e.reply.as_mut().unwrap().src = Some(ip("fd00:2::2"));
+        }
+        run.feed(&mut t, &flow);
+        assert_eq!(run.snap().count(Series::SeenReplyLatency), 1);
+    }
+
+    #[test]
+    fn without_kernel_stamps_the_receive_time_is_the_moment() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        let mut flow = vec![
+            ev(EventKind::New, 10, 17, None, NAT, T0),
+            ev(EventKind::Update, 10, 17, None, REPLIED, T0 + 2 * MS),
+            destroy(10, 17, None, T0, T0 + 10 * MS),
+        ];
+        for e in &mut flow {
+            e.timestamp_event = None;
+        }
+        let mut w = run.shards.writer(0).unwrap();
+        t.event(&flow[0], T0 + MS, &mut w);
+        t.event(&flow[1], T0 + 5 * MS, &mut w);
+        t.event(&flow[2], T0 + 20 * MS, &mut w);
+        drop(w);
+        assert_eq!(run.snap().sum(Series::SeenReplyLatency), (5 * MS) as f64);
+    }
+
+    #[test]
+    fn ids_are_reused_and_late_or_lost_events_are_not_measured_wrongly() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        use TcpState as S;
+        // The same id twice in a row: two flows.
+        run.feed(&mut t, &tcp_flow(11, &[S::SYN_RECV, S::FIN_WAIT]));
+        run.feed(&mut t, &tcp_flow(11, &[S::SYN_RECV, S::FIN_WAIT]));
+        // A NEW whose DESTROY was lost, then the id reused: the new flow wins.
+        run.feed(
+            &mut t,
+            &[ev(EventKind::New, 12, 6, Some(S::SYN_SENT), NAT, T0)],
+        );
+        run.feed(&mut t, &tcp_flow(12, &[S::SYN_RECV, S::FIN_WAIT]));
+        // An UPDATE whose NEW was lost: its seen-reply is not its first.
+        run.feed(
+            &mut t,
+            &[
+                ev(
+                    EventKind::Update,
+                    13,
+                    6,
+                    Some(S::ESTABLISHED),
+                    REPLIED,
+                    T0 + 50 * MS,
+                ),
+                destroy(13, 6, Some(S::TIME_WAIT), T0, T0 + 100 * MS),
+            ],
+        );
+        // An UPDATE that arrives after its flow's DESTROY is tracked but
+        // never measured, and does not disturb the next flow with that id.
+        run.feed(
+            &mut t,
+            &[ev(
+                EventKind::Update,
+                11,
+                6,
+                Some(S::TIME_WAIT),
+                REPLIED,
+                T0 + 200 * MS,
+            )],
+        );
+        run.feed(&mut t, &tcp_flow(11, &[S::SYN_RECV, S::FIN_WAIT]));
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 4);
+        assert_eq!(s.sum(Series::SeenReplyLatency), (4 * 2 * MS) as f64);
+        assert_eq!(s.count(Series::FinLatency), 4);
+        assert_eq!(s.count(Series::Duration), 5);
+        assert_eq!(s.counter(Counter::EventsOrderErrors), 0);
+    }
+
+    #[test]
+    fn an_overrun_leaves_open_flows_unmeasured_but_not_later_ones() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        use TcpState as S;
+        let flow = tcp_flow(14, &[S::SYN_RECV, S::FIN_WAIT]);
+        run.feed(&mut t, &flow[..1]);
+        t.overrun();
+        run.feed(&mut t, &flow[1..]);
+        // Seen-reply before the overrun, FIN after it.
+        let flow2 = tcp_flow(15, &[S::SYN_RECV, S::FIN_WAIT]);
+        run.feed(&mut t, &flow2[..2]);
+        t.overrun();
+        run.feed(&mut t, &flow2[2..]);
+        run.feed(&mut t, &tcp_flow(16, &[S::SYN_RECV, S::FIN_WAIT]));
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 2, "flows 15 and 16");
+        assert_eq!(s.count(Series::FinLatency), 1, "flow 16");
+        assert_eq!(s.count(Series::Duration), 3, "DESTROY data is always whole");
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_and_counts_it() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 4);
+        for id in 0..10 {
+            run.feed(
+                &mut t,
+                &[ev(EventKind::New, id, 6, Some(TcpState::SYN_SENT), NAT, T0)],
+            );
+        }
+        assert_eq!(t.flows(), 4);
+        assert_eq!(t.capacity(), 4);
+        assert_eq!(run.snap().counter(Counter::FlowsEvicted), 6);
+    }
+
+    #[test]
+    fn milestones_before_the_start_are_order_errors() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        let mut flow = tcp_flow(17, &[TcpState::SYN_RECV, TcpState::FIN_WAIT]);
+        // A start stamped after the reply (clock stepped between events).
+        let last = flow.len() - 1;
+        flow[last].timestamp = Some(Timestamp {
+            start: Some(T0 + 10 * MS),
+            stop: Some(T0 + 20 * MS),
+        });
+        run.feed(&mut t, &flow);
+        let s = run.snap();
+        assert_eq!(s.counter(Counter::EventsOrderErrors), 2);
+        assert_eq!(s.count(Series::SeenReplyLatency), 0);
+        assert_eq!(s.count(Series::Duration), 1);
+    }
+
+    /// The kernel captures, replayed: every complete flow is measured once.
+    #[test]
+    fn captures_replayed_give_one_observation_per_flow() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let cases = [
+            // (capture, flows with seen-reply, with FIN, durations)
+            ("tcp_dnat_ab.bin", 61, 61, 61),
+            ("udp_dnat_vip53.bin", 99, 0, 99),
+            ("tcp_dnat_refused.bin", 0, 0, 20),
+            ("udp_unreplied_sink.bin", 0, 0, 0),
+        ];
+        for (file, seen_reply, fin, durations) in cases {
+            let run = Run::new();
+            let services = ServiceFilter::new(vec!["10.96.0.0/16".parse().unwrap()], vec![]);
+            let mut t = FlowTracker::new(services, 1024);
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            let events: Vec<CtEvent> = capture::records(&bytes)
+                .map(|r| CtEvent::parse(r.unwrap()).unwrap())
+                .collect();
+            run.feed(&mut t, &events);
+            let s = run.snap();
+            assert_eq!(s.count(Series::SeenReplyLatency), seen_reply, "{file}");
+            assert_eq!(s.count(Series::FinLatency), fin, "{file}");
+            assert_eq!(s.count(Series::Duration), durations, "{file}");
+            assert_eq!(s.count(Series::BytesToService), durations, "{file}");
+            assert_eq!(s.counter(Counter::EventsOrderErrors), 0, "{file}");
+            assert_eq!(t.flows(), 0, "{file}: every flow ended");
+        }
+    }
+}
