@@ -255,7 +255,7 @@ fn live_kernel_events_decode_for_tcp_udp_icmp_over_ipv4_and_ipv6() {
             .iter()
             .any(|s| ["FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT"].contains(s)));
         let destroy = tcp.last().unwrap();
-        assert_eq!(destroy.kind, "DESTROY");
+        assert_eq!(destroy.kind, "DESTROY", "{tcp:#?}");
         assert_eq!(destroy.get("reply", "sport"), Some("8080"));
         let sent: u64 = destroy
             .get("counters_orig", "packets")

@@ -16,7 +16,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 missing=()
-for tool_pkg in ip:iproute2 nft:nftables conntrack:conntrack python3:python3 curl:curl promtool:prometheus; do
+for tool_pkg in ip:iproute2 nft:nftables conntrack:conntrack python3:python3 curl:curl promtool:prometheus ab:apache2-utils; do
     command -v "${tool_pkg%%:*}" >/dev/null 2>&1 || missing+=("${tool_pkg#*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

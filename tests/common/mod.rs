@@ -15,6 +15,7 @@ pub const CAPTURES: [&str; 6] = [
     "udp_unreplied_sink",
 ];
 
+pub mod exporter;
 pub mod netns;
 
 pub fn fixture_path(file: &str) -> PathBuf {

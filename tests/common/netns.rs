@@ -5,7 +5,9 @@
 //!  client ns                     node ns (exporter, nftables DNAT)            backend ns
 //!  10.200.1.2  ──veth──  10.200.1.1 | 10.200.2.1  ──veth──  10.200.2.2
 //!  fd00:1::2                     fd00:1::1 | fd00:2::1                 fd00:2::2
-//!               ClusterIPs 10.96.0.10 and fd00:96::10 -> the backend
+//!                                          | 10.200.3.1  ──veth──  10.200.3.2  backend2 ns
+//!                                          | fd00:3::1                 fd00:3::2
+//!               each test's nftables ruleset maps its ClusterIPs to the backends
 //! ```
 //!
 //! Traffic only ever goes to addresses assigned here. Dropping the node kills
@@ -68,6 +70,7 @@ pub struct VirtualNode {
     pub client: String,
     pub node: String,
     pub backend: String,
+    pub backend2: String,
     children: Vec<Child>,
 }
 
@@ -82,13 +85,17 @@ impl VirtualNode {
             client: format!("{tag}-client"),
             node: format!("{tag}-node"),
             backend: format!("{tag}-backend"),
+            backend2: format!("{tag}-backend2"),
             children: Vec::new(),
         };
-        for ns in [&vn.client, &vn.node, &vn.backend] {
+        for ns in [&vn.client, &vn.node, &vn.backend, &vn.backend2] {
             sh(&format!("ip netns add {ns}"));
             sh(&format!("ip -n {ns} link set lo up"));
         }
-        let (c, n, b) = (&vn.client, &vn.node, &vn.backend);
+        let (c, n, b, b2) = (&vn.client, &vn.node, &vn.backend, &vn.backend2);
+        sh(&format!(
+            "ip -n {n} link add b1 type veth peer name eth0 netns {b2}"
+        ));
         sh(&format!(
             "ip -n {n} link add c0 type veth peer name eth0 netns {c}"
         ));
@@ -98,6 +105,8 @@ impl VirtualNode {
         for (ns, dev, v4, v6) in [
             (n, "c0", "10.200.1.1/24", "fd00:1::1/64"),
             (n, "b0", "10.200.2.1/24", "fd00:2::1/64"),
+            (n, "b1", "10.200.3.1/24", "fd00:3::1/64"),
+            (b2, "eth0", "10.200.3.2/24", "fd00:3::2/64"),
             (c, "eth0", "10.200.1.2/24", "fd00:1::2/64"),
             (b, "eth0", "10.200.2.2/24", "fd00:2::2/64"),
         ] {
@@ -108,6 +117,7 @@ impl VirtualNode {
         for (ns, v4, v6) in [
             (c, "10.200.1.1", "fd00:1::1"),
             (b, "10.200.2.1", "fd00:2::1"),
+            (b2, "10.200.3.1", "fd00:3::1"),
         ] {
             sh(&format!("ip -n {ns} route add default via {v4}"));
             sh(&format!("ip -n {ns} -6 route add default via {v6}"));
@@ -121,6 +131,18 @@ impl VirtualNode {
             sh(&format!("ip netns exec {n} sysctl -qw {key}"));
         }
         vn
+    }
+
+    /// Short conntrack timeouts in the node namespace (TIME_WAIT and UDP
+    /// 1 s), so flows end in seconds instead of minutes.
+    pub fn short_timeouts(&self) {
+        for key in [
+            "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
+            "net.netfilter.nf_conntrack_udp_timeout=1",
+            "net.netfilter.nf_conntrack_udp_timeout_stream=1",
+        ] {
+            sh(&format!("ip netns exec {} sysctl -qw {key}", self.node));
+        }
     }
 
     /// Loads an nftables ruleset (nft -f syntax) into the node namespace.
@@ -174,7 +196,7 @@ impl Drop for VirtualNode {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in [&self.client, &self.node, &self.backend] {
+        for ns in [&self.client, &self.node, &self.backend, &self.backend2] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }

@@ -1,0 +1,83 @@
+//! Running the exporter binary inside a virtual node, and scraping it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use super::netns::VirtualNode;
+
+/// Starts the exporter in the node namespace listening on 127.0.0.1:`port`
+/// with `args`, waits until it serves, and keeps draining its stderr.
+pub fn start(vn: &mut VirtualNode, port: u16, args: &[&str]) -> std::process::ChildStdout {
+    let node = vn.node.clone();
+    let bind = format!("127.0.0.1:{port}");
+    let mut argv = vec![
+        env!("CARGO_BIN_EXE_conntrack-metrics"),
+        "--node-name",
+        "n1",
+        "--metrics-bind-address",
+        &bind,
+    ];
+    argv.extend_from_slice(args);
+    let exporter = vn.spawn(&node, &argv, Stdio::piped(), Stdio::piped());
+    let mut stderr = BufReader::new(exporter.stderr.take().unwrap());
+    let stdout = exporter.stdout.take().unwrap();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "exporter exited");
+        if line.contains("serving") {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    stdout
+}
+
+/// GET `path` from the exporter on `port` in the node namespace (curl runs
+/// there: the test process cannot reach that namespace's loopback). Returns
+/// the head and the body.
+pub fn get(vn: &VirtualNode, port: u16, path: &str, accept: Option<&str>) -> (String, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let mut argv = vec!["curl", "-s", "-m", "5", "-D", "-", url.as_str()];
+    let header;
+    if let Some(a) = accept {
+        header = format!("Accept: {a}");
+        argv.extend(["-H", header.as_str()]);
+    }
+    let out = vn.exec(&vn.node, &argv);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (head.to_string(), body.to_string())
+}
+
+/// The value of the sample line `series` (name and labels as written).
+pub fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no series {series}"))
+        .parse()
+        .unwrap()
+}
+
+/// Runs `promtool check metrics` on `text`; panics with its report on failure.
+pub fn promtool_check(text: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is needed");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
