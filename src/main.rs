@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use mio::{Poll, Waker};
 
 use conntrack_metrics::config::Config;
 use conntrack_metrics::expo::http::{Endpoint, Limits};
@@ -20,6 +21,7 @@ use conntrack_metrics::flow::{FlowTracker, ServiceFilter};
 use conntrack_metrics::reader::{self, FLOW_TABLE_CAPACITY, FLOW_TABLE_FLOWS, SLOT_BYTES};
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::ShardSet;
+use conntrack_metrics::sys::signal;
 use conntrack_metrics::sys::sysctl::{self, Outcome};
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch};
 
@@ -36,6 +38,12 @@ macro_rules! log {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts, so that every thread inherits the mask and
+    // only the signal thread takes SIGTERM, SIGINT and SIGHUP.
+    if let Err(e) = signal::block_stop_signals() {
+        log!("cannot block termination signals: {e}");
+        return ExitCode::FAILURE;
+    }
     let config = Config::parse_args();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
@@ -122,7 +130,27 @@ fn run(config: Config) -> io::Result<()> {
 
     // The reader drains events queued since the subscription; /readyz says
     // 503 until its loop runs. If it ever stops, it stops the endpoint too.
+    let mut poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), reader::WAKE)?);
+    let stopping = Arc::new(AtomicBool::new(false));
+
+    // SIGTERM, SIGINT, SIGHUP: stop the reader and the endpoint; main returns.
+    {
+        let (stop, waker, stopping) = (stop.clone(), Arc::clone(&waker), Arc::clone(&stopping));
+        std::thread::Builder::new()
+            .name("ct-signals".into())
+            .spawn(move || {
+                if let Ok(name) = signal::wait_for_stop_signal() {
+                    log!("{name}: stopping");
+                }
+                stopping.store(true, Ordering::Release);
+                let _ = waker.wake();
+                stop.stop();
+            })?;
+    }
+
     let reader = {
+        let stopping = Arc::clone(&stopping);
         let (shards, ready) = (Arc::clone(&shards), Arc::clone(&ready));
         let (batch_size, print) = (config.recv_batch, config.print_events);
         let reader_cpu = config.reader_cpu;
@@ -146,7 +174,10 @@ fn run(config: Config) -> io::Result<()> {
                     let mut stdout = io::stdout().lock();
                     let print: Option<&mut dyn io::Write> =
                         if print { Some(&mut stdout) } else { None };
-                    reader::run(&socket, &mut batch, &mut shard, &mut flows, &ready, print)
+                    reader::run(
+                        &socket, &mut poll, &stopping, &mut batch, &mut shard, &mut flows, &ready,
+                        print,
+                    )
                 })();
                 stop.stop();
                 result

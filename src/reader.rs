@@ -8,8 +8,12 @@
 //! debugging mode that writes each event to stdout.)
 
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
 
 use crate::flow::FlowTracker;
 
@@ -26,10 +30,24 @@ pub const FLOW_TABLE_CAPACITY: &str = "conntrack_monitoring_flow_table_capacity"
 /// event larger than that, and a longer datagram is counted as truncated.
 pub const SLOT_BYTES: usize = 4096;
 
-/// Reads events until an unrecoverable socket error. `ready` is set once the
-/// loop runs; `print` writes every event to `print` when given.
+/// The poll token of the netlink socket.
+pub const SOCKET: Token = Token(0);
+/// The poll token of the waker that stops the reader.
+pub const WAKE: Token = Token(1);
+
+/// At most one log line about overruns per this interval.
+const OVERRUN_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Reads events until `stop` is set (and `poll`'s waker, token [`WAKE`],
+/// woken) or an unrecoverable socket error. The socket is drained with
+/// non-blocking batched receives until empty, then `poll` waits for it to be
+/// readable. `ready` is set once the loop runs; `print` writes every event
+/// to `print` when given.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     socket: &ConntrackSocket,
+    poll: &mut Poll,
+    stop: &AtomicBool,
     batch: &mut RecvBatch,
     shard: &mut ShardWriter<'_>,
     flows: &mut FlowTracker,
@@ -37,7 +55,13 @@ pub fn run(
     mut print: Option<&mut dyn Write>,
 ) -> io::Result<()> {
     let mut event = CtEvent::empty(EventKind::New, 0);
+    let mut events = Events::with_capacity(4);
     let flows_gauge = metrics::gauge!(FLOW_TABLE_FLOWS);
+    let fd = socket.as_raw_fd();
+    poll.registry()
+        .register(&mut SourceFd(&fd), SOCKET, Interest::READABLE)?;
+    let mut overruns_unlogged = 0u64;
+    let mut last_overrun_log: Option<Instant> = None;
     ready.store(true, Ordering::Release);
     loop {
         let received = match batch.recv(socket) {
@@ -47,9 +71,34 @@ pub fn run(
                 // and no open flow is measured from here on.
                 shard.count(Counter::NetlinkOverruns, 1);
                 flows.overrun();
+                overruns_unlogged += 1;
+                if last_overrun_log.is_none_or(|t| t.elapsed() >= OVERRUN_LOG_EVERY) {
+                    let _ = writeln!(
+                        io::stderr(),
+                        "conntrack-metrics: netlink overrun (ENOBUFS): the kernel dropped \
+                         events; {overruns_unlogged} overrun(s) since the last report \
+                         (a larger --rcvbuf-bytes, or a pinned --reader-cpu, helps)"
+                    );
+                    overruns_unlogged = 0;
+                    last_overrun_log = Some(Instant::now());
+                }
                 continue;
             }
-            Err(RecvError::WouldBlock) => continue,
+            Err(RecvError::WouldBlock) => {
+                // Drained: wait until the socket is readable or we are stopped.
+                loop {
+                    if stop.load(Ordering::Acquire) {
+                        ready.store(false, Ordering::Release);
+                        return Ok(());
+                    }
+                    match poll.poll(&mut events, None) {
+                        Ok(()) => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                continue;
+            }
             Err(RecvError::Io(e)) => {
                 ready.store(false, Ordering::Release);
                 return Err(e);

@@ -2,7 +2,7 @@
 //! watches this thread while the whole fixture corpus is parsed four times
 //! (as single messages and as one datagram per capture, each by value and in
 //! place) and every event is recorded into a stats shard (counters,
-//! histograms, sliding-window quantiles).
+//! histograms, sliding-window quantiles) and given to the flow tracker.
 
 mod common;
 
@@ -10,8 +10,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::hint::black_box;
 
+use conntrack_metrics::flow::{FlowTracker, ServiceFilter};
 use conntrack_metrics::stats::summary::SummaryWindow;
-use conntrack_metrics::stats::{Counter, Series, ShardSet};
+use conntrack_metrics::stats::{Counter, Series, ShardSet, Snapshot};
 use conntrack_metrics::wire::{CtEvent, Datagram, EventKind, Message};
 
 thread_local! {
@@ -63,9 +64,12 @@ fn parsing_the_whole_fixture_corpus_allocates_nothing() {
         "the counting allocator is not installed"
     );
 
-    // The stats shard every event is recorded into, made before measuring.
+    // The stats shard every event is recorded into, and the flow table,
+    // made before measuring (as the reader's are, before its loop).
     let shards = ShardSet::new(1, SummaryWindow::from_minutes(10));
     let mut shard = shards.writer(0).unwrap();
+    let services = ServiceFilter::new(vec!["10.96.0.0/16".parse().unwrap()], vec![]);
+    let mut flows = FlowTracker::new(services, 4096);
 
     let before = allocations();
     let mut events = 0u64;
@@ -111,21 +115,35 @@ fn parsing_the_whole_fixture_corpus_allocates_nothing() {
             black_box(&slot);
         }
     }
+    // The reader's per-event path: parse in place, count, track the flow
+    // (every Service flow of the captures yields its observations).
     for d in &joined {
         let mut walk = Datagram::new(black_box(d));
         while let Some(m) = walk.next_into(&mut slot) {
             match black_box(m) {
-                Ok(Message::Event(())) => events += 1,
+                Ok(Message::Event(())) => {
+                    events += 1;
+                    shard.count(Counter::EventsNew, 1);
+                    flows.event(&slot, 1_795_000_000_000_000_000, &mut shard);
+                }
                 _ => errors += 1,
             }
         }
     }
+    flows.overrun();
     // A malformed message costs no allocation either (typed, Copy errors).
     for d in &corpus[0] {
         let cut = &d[..d.len() / 2];
         errors += u64::from(black_box(CtEvent::parse(cut)).is_err());
     }
     let during = allocations() - before;
+    drop(shard);
+    let mut snap = Snapshot::default();
+    shards.merge_into(&mut snap);
+    assert!(
+        snap.count(Series::SeenReplyLatency) >= 61 + 99,
+        "flows were tracked"
+    );
     assert_eq!(during, 0, "{during} allocations while parsing");
     assert_eq!(events, 4 * 1962);
     assert_eq!(errors, corpus[0].len() as u64);

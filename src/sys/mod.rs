@@ -11,6 +11,7 @@
 
 pub mod netlink;
 pub mod recv;
+pub mod signal;
 pub mod sysctl;
 
 pub use netlink::{ConntrackSocket, EventGroups};

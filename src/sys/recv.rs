@@ -1,5 +1,6 @@
-//! Batched receive: one `recvmmsg` fills up to `batch` datagrams into buffers
-//! allocated once, as quinn-udp's `recv_via_recvmmsg` does.
+//! Batched receive: one non-blocking `recvmmsg` fills up to `batch`
+//! datagrams into buffers allocated once, as quinn-udp's `recv_via_recvmmsg`
+//! does.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -42,8 +43,9 @@ impl RecvBatch {
         }
     }
 
-    /// Blocks until at least one datagram is queued, then takes up to the
-    /// batch size of them in one syscall (`MSG_WAITFORONE`). Returns how many.
+    /// Takes up to the batch size of the datagrams queued now, in one syscall,
+    /// without waiting (`MSG_DONTWAIT`): [`RecvError::WouldBlock`] when none
+    /// is queued (the caller then waits for readiness). Returns how many.
     /// `EINTR` is retried here.
     pub fn recv(&mut self, socket: &impl AsRawFd) -> Result<usize, RecvError> {
         self.received = 0;
@@ -73,7 +75,7 @@ impl RecvBatch {
                     socket.as_raw_fd(),
                     self.headers.as_mut_ptr(),
                     vlen,
-                    libc::MSG_WAITFORONE,
+                    libc::MSG_DONTWAIT,
                     std::ptr::null_mut(),
                 )
             };

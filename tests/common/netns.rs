@@ -15,6 +15,7 @@
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -180,6 +181,22 @@ impl VirtualNode {
             .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
         self.children.push(child);
         self.children.last_mut().unwrap()
+    }
+
+    /// Waits up to `limit` for the started process `pid` to exit; its status,
+    /// or `None` if it is still running.
+    pub fn wait_child(&mut self, pid: u32, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.children.iter_mut().find(|c| c.id() == pid)?;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Runs `argv` inside `ns` to completion; panics on failure.

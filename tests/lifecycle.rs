@@ -1,0 +1,108 @@
+//! The exporter's start and stop against the real kernel: it turns on the
+//! conntrack accounting and timestamp sysctls of its network namespace (or,
+//! with `--no-sysctl`, leaves them and warns), and SIGTERM, SIGINT or SIGHUP
+//! stop it cleanly within a second. Needs root.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::exporter::get;
+use common::netns::{kernel_tests_possible, VirtualNode};
+
+fn sysctl(vn: &VirtualNode, key: &str) -> String {
+    vn.exec(&vn.node, &["sysctl", "-n", key]).trim().to_string()
+}
+
+/// Starts the exporter with `args`; returns its pid and its stderr lines up
+/// to "serving".
+fn start(vn: &mut VirtualNode, port: u16, args: &[&str]) -> (u32, Vec<String>) {
+    let node = vn.node.clone();
+    let bind = format!("127.0.0.1:{port}");
+    let mut argv = vec![
+        env!("CARGO_BIN_EXE_conntrack-metrics"),
+        "--metrics-bind-address",
+        &bind,
+    ];
+    argv.extend_from_slice(args);
+    let child = vn.spawn(&node, &argv, Stdio::null(), Stdio::piped());
+    let pid = child.id();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "exited: {lines:?}"
+        );
+        let serving = line.contains("serving");
+        lines.push(line);
+        if serving {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (pid, lines)
+}
+
+#[test]
+fn turns_on_the_sysctls_it_needs_or_warns_with_no_sysctl() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut vn = VirtualNode::new();
+    let keys = [
+        "net.netfilter.nf_conntrack_acct",
+        "net.netfilter.nf_conntrack_timestamp",
+    ];
+    for key in keys {
+        vn.exec(&vn.node.clone(), &["sysctl", "-qw", &format!("{key}=0")]);
+    }
+    let (_, lines) = start(&mut vn, 9100, &["--no-sysctl"]);
+    for key in keys {
+        assert_eq!(sysctl(&vn, key), "0", "--no-sysctl leaves {key}");
+    }
+    let name = |k: &str| k.rsplit('.').next().unwrap().to_string();
+    for key in keys {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("warning") && l.contains(&name(key))),
+            "{lines:?}"
+        );
+    }
+    let (_, lines) = start(&mut vn, 9101, &[]);
+    for key in keys {
+        assert_eq!(sysctl(&vn, key), "1", "{key}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("set {} to 1", name(key)))),
+            "{lines:?}"
+        );
+    }
+}
+
+#[test]
+fn stop_signals_end_it_cleanly_within_a_second() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut vn = VirtualNode::new();
+    for (i, signal) in ["TERM", "INT", "HUP"].into_iter().enumerate() {
+        let port = 9100 + i as u16;
+        let (pid, _) = start(&mut vn, port, &[]);
+        let (head, _) = get(&vn, port, "/readyz", None);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let sent = Instant::now();
+        common::netns::run(&["kill", &format!("-{signal}"), &pid.to_string()]);
+        let status = vn.wait_child(pid, Duration::from_secs(1));
+        let took = sent.elapsed();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "SIG{signal}: {status:?} after {took:?}"
+        );
+    }
+}
