@@ -131,7 +131,10 @@ pub fn run(
                             writeln!(out, "{event}")?;
                         }
                     }
-                    Ok(Message::Overrun) => shard.count(Counter::NetlinkOverruns, 1),
+                    Ok(Message::Overrun) => {
+                        shard.count(Counter::NetlinkOverruns, 1);
+                        flows.overrun();
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         shard.count(Counter::MalformedMessages, 1);

@@ -298,7 +298,7 @@ impl Exposition {
         self.counter_family(
             format,
             "flows_evicted",
-            "Service flows evicted from a full flow table before their DESTROY (raise --max-flows)",
+            "Service flows evicted, oldest first, from a full flow table before their DESTROY was seen: more concurrent Service flows than --max-flows, or DESTROY events lost",
             &[(Counter::FlowsEvicted, None)],
             out,
         );

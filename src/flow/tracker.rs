@@ -2,7 +2,8 @@
 //! its first FIN, and, at its DESTROY, the observations it yields.
 //!
 //! Owns: which events count (original destination in a Service subnet and
-//! not in an excluded one, DNAT'd to a backend), the per-flow milestones, and
+//! not in an excluded one; NEW and UPDATE of DNAT'd flows, DESTROY of any
+//! flow to a Service, as the original), the per-flow milestones, and
 //! the rule that a flow is measured only when none of its events can have
 //! been lost.
 //! Never: allocates, locks, logs or makes a syscall per event.
@@ -49,21 +50,28 @@ impl ServiceFilter {
         ServiceFilter { services, excluded }
     }
 
-    /// Whether `ev` belongs to a Service flow: its original destination is in
-    /// a Service subnet and in no excluded one, and the flow was DNAT'd (the
-    /// kernel says `DST_NAT`, or the reply comes from another address).
+    /// Whether `ev`'s original destination is in a Service subnet and in no
+    /// excluded one.
     #[inline]
-    pub fn counts(&self, ev: &CtEvent) -> bool {
+    pub fn to_service(&self, ev: &CtEvent) -> bool {
         let Some(dst) = ev.orig.and_then(|t| t.dst) else {
             return false;
         };
-        if !self.services.iter().any(|s| s.contains(dst))
-            || self.excluded.iter().any(|s| s.contains(dst))
-        {
-            return false;
-        }
+        self.services.iter().any(|s| s.contains(dst))
+            && !self.excluded.iter().any(|s| s.contains(dst))
+    }
+
+    /// Whether `ev`'s flow was DNAT'd to a backend: the kernel says
+    /// `DST_NAT`, or the reply comes from another address than the one the
+    /// client sent to.
+    #[inline]
+    pub fn dnat(ev: &CtEvent) -> bool {
+        let dst = ev.orig.and_then(|t| t.dst);
         let dnat_status = ev.status.is_some_and(|s| s.has(Status::DST_NAT));
-        let reply_elsewhere = ev.reply.and_then(|t| t.src).is_some_and(|src| src != dst);
+        let reply_elsewhere = ev
+            .reply
+            .and_then(|t| t.src)
+            .is_some_and(|src| Some(src) != dst);
         dnat_status || reply_elsewhere
     }
 }
@@ -104,9 +112,17 @@ impl FlowTracker {
 
     /// Takes one event. `received_ns` is the wall-clock receive time of its
     /// batch, used when the kernel did not stamp the event.
+    ///
+    /// As in the original, NEW and UPDATE events count only for DNAT'd
+    /// flows to a Service, and a DESTROY for any flow to a Service (its
+    /// duration, bytes and packets); latencies come only from flows tracked
+    /// since their NEW, which are DNAT'd ones.
     #[inline]
     pub fn event(&mut self, ev: &CtEvent, received_ns: u64, shard: &mut ShardWriter<'_>) {
-        if !self.filter.counts(ev) {
+        if !self.filter.to_service(ev) {
+            return;
+        }
+        if ev.kind != EventKind::Destroy && !ServiceFilter::dnat(ev) {
             return;
         }
         let Some(id) = ev.id else {
@@ -147,7 +163,8 @@ impl FlowTracker {
                 // the seen-reply moment. A connection reset after it was
                 // answered is closed by its DESTROY alone (state CLOSE, no
                 // UPDATE): its FIN moment is the kernel's stop stamp.
-                if moment.fin && flow.fin_ns.is_none() && flow.seen_reply_ns.is_some() {
+                let reset = ev.tcp_state == Some(TcpState::CLOSE);
+                if reset && moment.fin && flow.fin_ns.is_none() && flow.seen_reply_ns.is_some() {
                     if let Some(stop) = ev.timestamp.and_then(|t| t.stop) {
                         flow.fin_ns = Some(stop);
                         flow.fin_complete = moment.complete(&flow);
@@ -581,18 +598,27 @@ mod tests {
         for e in &mut excluded {
             e.orig.as_mut().unwrap().dst = Some(ip("10.96.0.10"));
         }
-        let mut direct = tcp_flow(8, &[TcpState::SYN_RECV]);
-        for e in &mut direct {
-            e.status = e.status.map(|s| Status(s.0 & !Status::DST_NAT));
-            e.reply.as_mut().unwrap().src = Some(ip(VIP));
-        }
-        for flow in [other, excluded, direct] {
+        for flow in [other, excluded] {
             run.feed(&mut t, &flow);
         }
         let s = run.snap();
         for series in Series::ALL.iter().filter(|s| **s != Series::ReaderBatch) {
             assert_eq!(s.count(*series), 0, "{series:?}");
         }
+        assert_eq!(t.flows(), 0);
+        // A flow to a Service address that was not DNAT'd: as in the
+        // original, its DESTROY counts (duration, bytes, packets), no latency.
+        let mut direct = tcp_flow(8, &[TcpState::SYN_RECV, TcpState::FIN_WAIT]);
+        for e in &mut direct {
+            e.status = e.status.map(|s| Status(s.0 & !Status::DST_NAT));
+            e.reply.as_mut().unwrap().src = Some(ip(VIP));
+        }
+        run.feed(&mut t, &direct);
+        let s = run.snap();
+        assert_eq!(s.count(Series::Duration), 1);
+        assert_eq!(s.count(Series::BytesToService), 1);
+        assert_eq!(s.count(Series::SeenReplyLatency), 0);
+        assert_eq!(s.count(Series::FinLatency), 0);
         assert_eq!(t.flows(), 0);
     }
 

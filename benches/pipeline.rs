@@ -1,0 +1,243 @@
+//! The reader thread's whole per-event path over the fixture corpus
+//! (`tests/fixtures/*.bin`), against parsing alone, in one benchmark group so
+//! both figures come from the same run:
+//!
+//! * `parse only (Datagram::next_into)`: every datagram walked with
+//!   `Datagram::next_into` into one reused `CtEvent` slot;
+//! * `parse + count + flow tracking + stats (the reader's per-event path)`:
+//!   what `conntrack_metrics::reader::run` does after `recvmmsg` returns,
+//!   mirrored step by step. Per batch of [`BATCH`] datagrams (the default
+//!   `--recv-batch`): `ShardWriter::set_time(Instant::now())`, the wall-clock
+//!   `received_ns`, `observe(Series::ReaderBatch, n)`, and the flow-table
+//!   gauge at the end. Per datagram: the truncation check. Per event: the
+//!   event-kind counter, `FlowTracker::event`, and the counters for overrun
+//!   and malformed messages (none in this corpus). Left out: the
+//!   `--print-events` branch (off by default; one untaken branch per event).
+//!
+//! The difference between the two is what counting, flow tracking and the
+//! statistics cost per event. The `recvmmsg` syscall and the kernel's cost of
+//! delivering the events are not in either.
+//!
+//! The corpus replays the same flows on every iteration. A DESTROY removes its
+//! flow, and a NEW for an id already in the table replaces it, so the table
+//! does not grow even though the two `*_midstream` captures hold flows whose
+//! DESTROY is missing. `check_bounded` checks this before timing: the table
+//! size after the first passes must equal the size after more passes, and
+//! must stay below the capacity. It prints that size once and panics if the
+//! check fails.
+//!
+//! No global `metrics` recorder is installed, so the flow-table gauge is the
+//! facade's no-op handle here (once per batch; in the binary it is one atomic
+//! store).
+//!
+//! Run: `cargo bench --bench pipeline` (figures in docs/benchmarks.md).
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+use conntrack_metrics::flow::{FlowTracker, ServiceFilter};
+use conntrack_metrics::reader::FLOW_TABLE_FLOWS;
+use conntrack_metrics::stats::summary::SummaryWindow;
+use conntrack_metrics::stats::{Counter, Series, ShardSet, ShardWriter, Snapshot};
+use conntrack_metrics::wire::{capture, CtEvent, Datagram, EventKind, Message};
+
+/// The six captures described in tests/fixtures/README.md.
+const FIXTURES: [&str; 6] = [
+    "tcp_dnat_ab.bin",
+    "tcp_dnat_ab_load_midstream.bin",
+    "tcp_dnat_refused.bin",
+    "udp_dnat_dns_load_midstream.bin",
+    "udp_dnat_vip53.bin",
+    "udp_unreplied_sink.bin",
+];
+
+/// Datagrams per `recvmmsg` batch: the reader's default (`--recv-batch`).
+const BATCH: usize = 64;
+
+/// The default `--max-flows`.
+const MAX_FLOWS: usize = 262_144;
+
+/// One received datagram, as `RecvBatch::datagrams` yields it.
+struct Slot {
+    bytes: Vec<u8>,
+    /// Longer than a receive slot (never, in this corpus).
+    truncated: bool,
+}
+
+/// Every captured datagram of every fixture, in file order, and the number of
+/// conntrack events they hold.
+fn corpus() -> (Vec<Slot>, u64) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut datagrams = Vec::new();
+    for name in FIXTURES {
+        let bytes = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for record in capture::records(&bytes) {
+            let record = record.unwrap_or_else(|e| panic!("{name}: {e}"));
+            datagrams.push(Slot {
+                bytes: record.to_vec(),
+                truncated: false,
+            });
+        }
+    }
+    let mut event = CtEvent::empty(EventKind::New, 0);
+    let mut events = 0;
+    for dg in &datagrams {
+        let mut walk = Datagram::new(&dg.bytes);
+        while let Some(message) = walk.next_into(&mut event) {
+            match message {
+                Ok(Message::Event(())) => events += 1,
+                other => panic!("the corpus has only events, got {other:?}"),
+            }
+        }
+    }
+    (datagrams, events)
+}
+
+fn tracker() -> FlowTracker {
+    let filter = ServiceFilter::new(vec!["10.96.0.0/16".parse().unwrap()], vec![]);
+    FlowTracker::new(filter, MAX_FLOWS)
+}
+
+/// Parsing alone: every datagram walked into one reused slot.
+#[inline(never)]
+fn parse_only(datagrams: &[Slot], event: &mut CtEvent) {
+    for dg in datagrams {
+        let mut walk = Datagram::new(black_box(&dg.bytes));
+        while let Some(message) = walk.next_into(event) {
+            let _ = black_box(&message);
+            black_box(&*event);
+        }
+    }
+}
+
+/// One pass of the corpus through the reader's per-event path, in batches of
+/// [`BATCH`] datagrams as `reader::run` receives them. No `black_box` here:
+/// every event ends in the shard's atomics or the flow table, so nothing can
+/// be optimised away, and an opaque `black_box` per datagram would make the
+/// compiler reload the shard and table pointers (it cost 10-20 ns/event).
+#[inline(never)]
+fn reader_path(
+    datagrams: &[Slot],
+    event: &mut CtEvent,
+    shard: &mut ShardWriter<'_>,
+    flows: &mut FlowTracker,
+) {
+    let flows_gauge = metrics::gauge!(FLOW_TABLE_FLOWS);
+    for batch in datagrams.chunks(BATCH) {
+        // Once per batch, as the reader does after recvmmsg returns.
+        shard.set_time(Instant::now());
+        let received_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        shard.observe(Series::ReaderBatch, batch.len() as u64);
+        for dg in batch {
+            if dg.truncated {
+                shard.count(Counter::TruncatedDatagrams, 1);
+                continue;
+            }
+            let mut walk = Datagram::new(&dg.bytes);
+            while let Some(message) = walk.next_into(event) {
+                match message {
+                    Ok(Message::Event(())) => {
+                        let counter = match event.kind {
+                            EventKind::New => Counter::EventsNew,
+                            EventKind::Update => Counter::EventsUpdate,
+                            EventKind::Destroy => Counter::EventsDestroy,
+                        };
+                        shard.count(counter, 1);
+                        flows.event(event, received_ns, shard);
+                    }
+                    Ok(Message::Overrun) => shard.count(Counter::NetlinkOverruns, 1),
+                    Ok(_) => {}
+                    Err(_) => shard.count(Counter::MalformedMessages, 1),
+                }
+            }
+        }
+        flows_gauge.set(flows.flows() as f64);
+    }
+}
+
+fn snapshot(set: &ShardSet) -> Snapshot {
+    let mut s = Snapshot::default();
+    set.merge_into(&mut s);
+    s
+}
+
+/// Checks that replaying the corpus leaves the flow table bounded: the
+/// flows left after a warm-up of a few passes are the flows left after many
+/// more, and no flow was evicted. Prints the size once.
+fn check_bounded(datagrams: &[Slot], events: u64) {
+    const WARM_UP: usize = 3;
+    const MORE: usize = 50;
+    let set = ShardSet::new(1, SummaryWindow::from_minutes(10));
+    let mut flows = tracker();
+    let mut event = CtEvent::empty(EventKind::New, 0);
+    let mut shard = set.writer(0).unwrap();
+    for _ in 0..WARM_UP {
+        reader_path(datagrams, &mut event, &mut shard, &mut flows);
+    }
+    let after_warm_up = flows.flows();
+    for _ in 0..MORE {
+        reader_path(datagrams, &mut event, &mut shard, &mut flows);
+    }
+    drop(shard);
+    let after_more = flows.flows();
+    let s = snapshot(&set);
+    let passes = (WARM_UP + MORE) as u64;
+    assert_eq!(
+        after_more, after_warm_up,
+        "the flow table grew while replaying the corpus"
+    );
+    assert!(after_more < flows.capacity());
+    assert_eq!(s.counter(Counter::FlowsEvicted), 0, "no flow evicted");
+    let counted = s.counter(Counter::EventsNew)
+        + s.counter(Counter::EventsUpdate)
+        + s.counter(Counter::EventsDestroy);
+    assert_eq!(counted, events * passes, "every event counted");
+    assert_eq!(s.counter(Counter::MalformedMessages), 0);
+    assert!(s.count(Series::Duration) > 0, "flows were measured");
+    println!(
+        "pipeline corpus: {} datagrams, {events} events; flow table after {WARM_UP} passes: \
+         {after_warm_up} flows, after {} passes: {after_more} (capacity {}); per pass: \
+         {} durations, {} seen-reply and {} FIN latencies observed",
+        datagrams.len(),
+        WARM_UP + MORE,
+        flows.capacity(),
+        s.count(Series::Duration) / passes,
+        s.count(Series::SeenReplyLatency) / passes,
+        s.count(Series::FinLatency) / passes,
+    );
+}
+
+fn pipeline(c: &mut Criterion) {
+    let (datagrams, events) = corpus();
+    check_bounded(&datagrams, events);
+
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Elements(events));
+    let mut event = CtEvent::empty(EventKind::New, 0);
+    g.bench_function("parse only (Datagram::next_into)", |b| {
+        b.iter(|| parse_only(&datagrams, &mut event))
+    });
+    let set = ShardSet::new(1, SummaryWindow::from_minutes(10));
+    let mut shard = set.writer(0).unwrap();
+    let mut flows = tracker();
+    g.bench_function(
+        "parse + count + flow tracking + stats (the reader's per-event path)",
+        |b| b.iter(|| reader_path(&datagrams, &mut event, &mut shard, &mut flows)),
+    );
+    g.finish();
+    black_box(flows.flows());
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(8));
+    targets = pipeline
+}
+criterion_main!(benches);
