@@ -106,3 +106,37 @@ fn stop_signals_end_it_cleanly_within_a_second() {
         );
     }
 }
+
+#[test]
+fn reader_cpu_pins_the_reader_thread_only() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut vn = VirtualNode::new();
+    let (pid, _) = start(&mut vn, 9100, &["--reader-cpu", "0"]);
+    let mut pinned = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        pinned.push((name.trim().to_string(), cpus));
+    }
+    let reader = pinned
+        .iter()
+        .find(|(n, _)| n == "ct-reader")
+        .expect("a ct-reader thread");
+    assert_eq!(reader.1, "0", "{pinned:?}");
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        let main = pinned
+            .iter()
+            .find(|(n, _)| n == "conntrack-metri")
+            .expect("main thread");
+        assert_ne!(main.1, "0", "only the reader is pinned: {pinned:?}");
+    }
+}
