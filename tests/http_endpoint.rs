@@ -774,3 +774,32 @@ fn stop_makes_run_return_at_once() {
     stop.stop();
     endpoint.run(&mut |_, _| {}, &|| true).unwrap();
 }
+
+/// The handle may be gone before `run` reads the wake-up: the stop still
+/// lands. (A waker owned only by the handles was closed with the last one,
+/// and its unread event vanished from the poll: `run` never returned.)
+#[test]
+fn stop_lands_even_when_every_handle_is_dropped_at_once() {
+    for _ in 0..50 {
+        let (endpoint, stop) =
+            Endpoint::bind("127.0.0.1:0".parse().unwrap(), test_limits()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let result = endpoint.run(&mut |_, _| {}, &|| true);
+            let _ = tx.send(());
+            result
+        });
+        // Let run reach its poll, then stop from another thread and drop
+        // the handle straight away.
+        std::thread::sleep(Duration::from_millis(2));
+        std::thread::spawn(move || {
+            stop.stop();
+            drop(stop);
+        })
+        .join()
+        .unwrap();
+        rx.recv_timeout(Duration::from_secs(2))
+            .expect("run did not return after stop");
+        server.join().unwrap().unwrap();
+    }
+}

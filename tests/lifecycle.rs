@@ -114,18 +114,32 @@ fn reader_cpu_pins_the_reader_thread_only() {
     }
     let mut vn = VirtualNode::new();
     let (pid, _) = start(&mut vn, 9100, &["--reader-cpu", "0"]);
-    let mut pinned = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let name = std::fs::read_to_string(task.join("comm")).unwrap();
-        let status = std::fs::read_to_string(task.join("status")).unwrap();
-        let cpus = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap()
-            .trim()
-            .to_string();
-        pinned.push((name.trim().to_string(), cpus));
+    // The reader names and pins itself once it runs: look until it has.
+    let threads = || {
+        let mut pinned = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let task = task.unwrap().path();
+            let (Ok(name), Ok(status)) = (
+                std::fs::read_to_string(task.join("comm")),
+                std::fs::read_to_string(task.join("status")),
+            ) else {
+                continue;
+            };
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            pinned.push((name.trim().to_string(), cpus));
+        }
+        pinned
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut pinned = threads();
+    while !pinned.iter().any(|(n, c)| n == "ct-reader" && c == "0") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        pinned = threads();
     }
     let reader = pinned
         .iter()

@@ -107,6 +107,10 @@ pub struct Endpoint {
     local_addr: SocketAddr,
     limits: Limits,
     stop: Arc<AtomicBool>,
+    /// Kept as long as the poll: if the last handle dropped the waker while
+    /// its wake-up was still unread, closing its eventfd would take the
+    /// event out of the poll, and `run` would never see the stop.
+    _waker: Arc<Waker>,
 }
 
 /// Stops a running [`Endpoint`] from any thread.
@@ -167,7 +171,7 @@ impl Endpoint {
         let stop = Arc::new(AtomicBool::new(false));
         let handle = StopHandle {
             stop: Arc::clone(&stop),
-            waker,
+            waker: Arc::clone(&waker),
         };
         let endpoint = Endpoint {
             poll,
@@ -175,6 +179,7 @@ impl Endpoint {
             local_addr,
             limits,
             stop,
+            _waker: waker,
         };
         Ok((endpoint, handle))
     }

@@ -75,7 +75,9 @@ const LAYOUTS: [Layout; Series::ALL.len()] = {
 /// One writer's counters: whole cache lines, so no two shards share one;
 /// and its sliding quantiles, one per summary series.
 struct Shard {
-    lines: Box<[CachePadded<[AtomicU64; SLOTS_PER_LINE]>]>,
+    /// A fixed-size array: a slot index is checked against a constant, which
+    /// folds away for the constant slots of a constant series.
+    lines: Box<[CachePadded<[AtomicU64; SLOTS_PER_LINE]>; LINES]>,
     quantiles: [SlidingQuantiles; Quantiles::ALL.len()],
     claimed: CachePadded<AtomicBool>,
 }
@@ -83,9 +85,9 @@ struct Shard {
 impl Shard {
     fn new(window: &SummaryWindow) -> Shard {
         Shard {
-            lines: (0..LINES)
-                .map(|_| CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0))))
-                .collect(),
+            lines: Box::new(std::array::from_fn(|_| {
+                CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0)))
+            })),
             quantiles: std::array::from_fn(|_| SlidingQuantiles::new(window)),
             claimed: CachePadded::new(AtomicBool::new(false)),
         }
@@ -197,22 +199,6 @@ impl ShardWriter<'_> {
         self.epoch = self.set.epoch_at(now);
     }
 
-    #[inline(always)]
-    fn add(&mut self, i: usize, n: u64) {
-        let slot = self.shard.slot(i);
-        // Single writer: a plain load and store cannot lose an update, and is
-        // cheaper than a locked fetch_add. See the module comment for orderings.
-        slot.store(slot.load(Relaxed).wrapping_add(n), Relaxed);
-    }
-
-    /// Adds `v` to a slot that holds `f64` bits (a histogram's sum).
-    #[inline(always)]
-    fn add_f64(&mut self, i: usize, v: u64) {
-        let slot = self.shard.slot(i);
-        let sum = f64::from_bits(slot.load(Relaxed)) + v as f64;
-        slot.store(sum.to_bits(), Relaxed);
-    }
-
     /// Records `value` (in the series' stored unit) into its bucket and sum,
     /// and into its summary if it has one.
     ///
@@ -228,8 +214,14 @@ impl ShardWriter<'_> {
         } = LAYOUTS[series as usize];
         // First bound >= value (`le` is inclusive); bounds.len() is +Inf.
         let bucket = bounds.partition_point(|&b| b < value);
-        self.add(offset + bucket, 1);
-        self.add_f64(offset + bounds.len() + 1, value);
+        // Both slots found before either is written: a store to an atomic
+        // would make the compiler load the shard's line pointer again.
+        let (count, sum) = (
+            self.shard.slot(offset + bucket),
+            self.shard.slot(offset + bounds.len() + 1),
+        );
+        self.add(count, 1);
+        self.add_f64(sum, value);
         if let Some(quantiles) = self.shard.quantiles.get(summary) {
             quantiles.record(value, self.epoch);
         }
@@ -238,7 +230,23 @@ impl ShardWriter<'_> {
     /// Adds `n` to a counter.
     #[inline]
     pub fn count(&mut self, counter: Counter, n: u64) {
-        self.add(counter.slot(), n);
+        self.add(self.shard.slot(counter.slot()), n);
+    }
+
+    /// Adds `n` to `slot`, one of this writer's shard's.
+    #[inline(always)]
+    fn add(&mut self, slot: &AtomicU64, n: u64) {
+        // Single writer: a plain load and store cannot lose an update, and is
+        // cheaper than a locked fetch_add. See the module comment for orderings.
+        slot.store(slot.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    /// Adds `v` to `slot`, one of this writer's shard's that holds `f64` bits
+    /// (a histogram's sum).
+    #[inline(always)]
+    fn add_f64(&mut self, slot: &AtomicU64, v: u64) {
+        let sum = f64::from_bits(slot.load(Relaxed)) + v as f64;
+        slot.store(sum.to_bits(), Relaxed);
     }
 }
 
@@ -363,6 +371,18 @@ mod tests {
         let b = snap.buckets(Series::SeenReplyLatency);
         assert_eq!((b[0], b[1]), (1, 1));
         assert_eq!(SEEN_REPLY_LATENCY.bounds[1], 10_000);
+    }
+
+    #[test]
+    fn layouts_are_the_series_own() {
+        for s in Series::ALL {
+            let layout = LAYOUTS[s as usize];
+            assert_eq!(layout.offset, s.offset(), "{s:?}");
+            assert_eq!(layout.bounds, s.family().bounds, "{s:?}");
+            assert_eq!(layout.offset + layout.bounds.len() + 1, s.sum_slot());
+            let summary = Quantiles::of(s).map_or(NO_SUMMARY, |q| q as usize);
+            assert_eq!(layout.summary, summary, "{s:?}");
+        }
     }
 
     #[test]
