@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::exporter::{get, promtool_check, start, value};
 use common::netns::{kernel_tests_possible, VirtualNode};
 
 const RULESET: &str = r#"
@@ -42,28 +43,6 @@ print("done", flush=True)
 
 const PORT: u16 = 9100;
 
-/// GET `path` on the exporter inside `ns`, via `curl` run in that namespace.
-fn get(vn: &VirtualNode, path: &str, accept: Option<&str>) -> (String, String) {
-    let url = format!("http://127.0.0.1:{PORT}{path}");
-    let mut argv = vec!["curl", "-s", "-m", "5", "-D", "-", url.as_str()];
-    let header;
-    if let Some(a) = accept {
-        header = format!("Accept: {a}");
-        argv.extend(["-H", header.as_str()]);
-    }
-    let out = vn.exec(&vn.node, &argv);
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (head.to_string(), body.to_string())
-}
-
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no series {series}"))
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn scraped_counters_match_the_events_read_and_pass_promtool() {
     if !kernel_tests_possible() {
@@ -90,29 +69,9 @@ fn scraped_counters_match_the_events_read_and_pass_promtool() {
     assert_eq!(line.trim(), "ready");
 
     let node = vn.node.clone();
-    let bind = format!("127.0.0.1:{PORT}");
-    let exporter = vn.spawn(
-        &node,
-        &[
-            env!("CARGO_BIN_EXE_conntrack-metrics"),
-            "--print-events",
-            "--node-name",
-            "n1",
-            "--metrics-bind-address",
-            &bind,
-        ],
-        Stdio::piped(),
-        Stdio::piped(),
-    );
-    let mut stderr = BufReader::new(exporter.stderr.take().unwrap());
-    let mut stdout = exporter.stdout.take().unwrap();
-    for want in ["subscribed", "serving"] {
-        line.clear();
-        stderr.read_line(&mut line).unwrap();
-        assert!(line.contains(want), "{line}");
-    }
+    let mut stdout = start(&mut vn, PORT, &["--print-events"]);
 
-    let (head, body) = get(&vn, "/readyz", None);
+    let (head, body) = get(&vn, PORT, "/readyz", None);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body.contains("ok") || body.contains("ready"), "{body}");
 
@@ -148,7 +107,7 @@ fn scraped_counters_match_the_events_read_and_pass_promtool() {
     assert_eq!(count("NEW"), 40.0);
     assert_eq!(count("DESTROY"), 40.0);
 
-    let (head, text) = get(&vn, "/metrics", None);
+    let (head, text) = get(&vn, PORT, "/metrics", None);
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     for (kind, printed_kind) in [("new", "NEW"), ("update", "UPDATE"), ("destroy", "DESTROY")] {
         let series = format!("conntrack_monitoring_events_total{{node=\"n1\",type=\"{kind}\"}}");
@@ -184,30 +143,12 @@ fn scraped_counters_match_the_events_read_and_pass_promtool() {
     );
 
     // promtool's lint, on the output with default flags.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus) is needed");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check(&text);
 
     // OpenMetrics, checked by the reference parser (prometheus_client).
     let (head, om) = get(
         &vn,
+        PORT,
         "/metrics",
         Some("application/openmetrics-text; version=1.0.0"),
     );

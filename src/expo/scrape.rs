@@ -144,48 +144,21 @@ impl Exposition {
         let mut le = Vec::new();
         for s in series {
             self.snapshot.cumulative(s, &mut self.cumulative);
-            for (i, &n) in self.cumulative.iter().enumerate() {
+            for (i, &n_obs) in self.cumulative.iter().enumerate() {
                 le.clear();
                 match family.bounds.get(i) {
                     Some(&b) => write_go_float(&mut le, unit.render(b as f64)),
                     None => le.extend_from_slice(b"+Inf"),
                 }
                 let le = std::str::from_utf8(&le).unwrap_or("+Inf");
-                match s.direction() {
-                    Some(d) => write_sample(
-                        out,
-                        &name,
-                        "_bucket",
-                        &[("direction", d), ("node", node), ("le", le)],
-                        Value::Count(n),
-                    ),
-                    None => write_sample(
-                        out,
-                        &name,
-                        "_bucket",
-                        &[("node", node), ("le", le)],
-                        Value::Count(n),
-                    ),
-                }
+                let (labels, n) = series_labels(s.direction(), node, Some(("le", le)));
+                write_sample(out, &name, "_bucket", &labels[..n], Value::Count(n_obs));
             }
             let sum = Value::Float(unit.render(self.snapshot.sum(s)));
             let count = Value::Count(self.snapshot.count(s));
-            match s.direction() {
-                Some(d) => {
-                    write_sample(out, &name, "_sum", &[("direction", d), ("node", node)], sum);
-                    write_sample(
-                        out,
-                        &name,
-                        "_count",
-                        &[("direction", d), ("node", node)],
-                        count,
-                    );
-                }
-                None => {
-                    write_sample(out, &name, "_sum", &[("node", node)], sum);
-                    write_sample(out, &name, "_count", &[("node", node)], count);
-                }
-            }
+            let (labels, n) = series_labels(s.direction(), node, None);
+            write_sample(out, &name, "_sum", &labels[..n], sum);
+            write_sample(out, &name, "_count", &labels[..n], count);
         }
     }
 
@@ -209,39 +182,17 @@ impl Exposition {
                 write_go_float(&mut label, *objective);
                 let quantile = std::str::from_utf8(&label).unwrap_or("NaN");
                 let v = Value::Float(value.map_or(f64::NAN, |v| unit.render(v)));
-                match q.series().direction() {
-                    Some(d) => write_sample(
-                        out,
-                        &name,
-                        "",
-                        &[("direction", d), ("node", node), ("quantile", quantile)],
-                        v,
-                    ),
-                    None => {
-                        write_sample(out, &name, "", &[("node", node), ("quantile", quantile)], v)
-                    }
-                }
+                let (labels, n) =
+                    series_labels(q.series().direction(), node, Some(("quantile", quantile)));
+                write_sample(out, &name, "", &labels[..n], v);
             }
             // The histogram series holds the same observations: its count
             // and sum are the summary's, over all time as Go's.
             let sum = Value::Float(unit.render(self.snapshot.sum(q.series())));
             let count = Value::Count(self.snapshot.count(q.series()));
-            match q.series().direction() {
-                Some(d) => {
-                    write_sample(out, &name, "_sum", &[("direction", d), ("node", node)], sum);
-                    write_sample(
-                        out,
-                        &name,
-                        "_count",
-                        &[("direction", d), ("node", node)],
-                        count,
-                    );
-                }
-                None => {
-                    write_sample(out, &name, "_sum", &[("node", node)], sum);
-                    write_sample(out, &name, "_count", &[("node", node)], count);
-                }
-            }
+            let (labels, n) = series_labels(q.series().direction(), node, None);
+            write_sample(out, &name, "_sum", &labels[..n], sum);
+            write_sample(out, &name, "_count", &labels[..n], count);
         }
     }
 
@@ -335,6 +286,29 @@ impl Exposition {
             write_sample(out, &name, "", &[("node", &node)], v);
         }
     }
+}
+
+/// The labels of a series in the original's order: `direction` (when the
+/// family has it), `node`, then the sample's own (`le`, `quantile`).
+fn series_labels<'a>(
+    direction: Option<&'a str>,
+    node: &'a str,
+    extra: Option<(&'a str, &'a str)>,
+) -> ([(&'a str, &'a str); 3], usize) {
+    let mut labels = [("", ""); 3];
+    let mut n = 0;
+    for label in [
+        direction.map(|d| ("direction", d)),
+        Some(("node", node)),
+        extra,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        labels[n] = label;
+        n += 1;
+    }
+    (labels, n)
 }
 
 /// The facade's Prometheus text, with counter families renamed the
