@@ -1,7 +1,7 @@
 //! The flow table: per-flow state between events, in memory allocated once
 //! at start, with a fixed capacity.
 //!
-//! Owns: lookup by conntrack id, insertion, removal, and eviction of the
+//! Owns: lookup by flow key (conntrack id and tuple), insertion, removal, and eviction of the
 //! oldest flows when full.
 //! Never: allocates or grows after construction; scans the table per event.
 //!
@@ -9,7 +9,7 @@
 //! order (oldest first) by index, with a free list. An index of open
 //! addressing with linear probing (power of two, at most half full,
 //! backward-shift deletion, so no tombstones and short probes under churn)
-//! maps a conntrack id to its entry. Insert, lookup, remove and evict-oldest
+//! maps a flow key to its entry. Insert, lookup, remove and evict-oldest
 //! are all O(1).
 
 /// What the table keeps of one flow. Times are wall-clock nanoseconds
@@ -35,20 +35,26 @@ const NIL: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {
-    id: u32,
+    key: FlowKey,
     prev: u32,
     next: u32,
     state: FlowState,
 }
 
-/// An index cell: conntrack id and entry index; `entry == NIL` is empty.
+/// What identifies a flow: its conntrack id and a hash of its original
+/// tuple. The kernel's ids are 32-bit hashes, so among 100,000 live flows
+/// two share an id about once (seen here: 1 or 2 flows in a 100,000-flow
+/// test); with the tuple as well, two live flows never share a key.
+pub type FlowKey = u64;
+
+/// An index cell: flow key and entry index; `entry == NIL` is empty.
 #[derive(Clone, Copy, Debug)]
 struct Cell {
-    id: u32,
+    key: FlowKey,
     entry: u32,
 }
 
-const EMPTY: Cell = Cell { id: 0, entry: NIL };
+const EMPTY: Cell = Cell { key: 0, entry: NIL };
 
 /// A bounded map from conntrack id to [`FlowState`], oldest evicted first.
 pub struct FlowTable {
@@ -67,15 +73,15 @@ pub struct FlowTable {
 pub enum Inserted {
     /// There was room.
     Fresh,
-    /// The table was full: the oldest flow (this id) was evicted.
-    Evicted(u32),
+    /// The table was full: the oldest flow (this key) was evicted.
+    Evicted(FlowKey),
 }
 
 #[inline]
-fn hash(id: u32) -> usize {
-    // Fibonacci hashing: kernel ids are already hashed; this spreads what
+fn hash(key: FlowKey) -> usize {
+    // Fibonacci hashing: keys are already hashes; this spreads what
     // structure is left into the bits we index with.
-    (u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize
+    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize
 }
 
 impl FlowTable {
@@ -86,7 +92,7 @@ impl FlowTable {
         let cells = (capacity * 2).next_power_of_two();
         let entries = (0..capacity)
             .map(|i| Entry {
-                id: 0,
+                key: 0,
                 prev: NIL,
                 // The free list threads every entry at start.
                 next: if i + 1 < capacity {
@@ -129,37 +135,37 @@ impl FlowTable {
             + self.index.len() * std::mem::size_of::<Cell>()
     }
 
-    /// The index cell holding `id`.
-    fn find(&self, id: u32) -> Option<usize> {
-        let mut i = hash(id) & self.mask;
+    /// The index cell holding `key`.
+    fn find(&self, key: FlowKey) -> Option<usize> {
+        let mut i = hash(key) & self.mask;
         loop {
             let cell = self.index[i];
             if cell.entry == NIL {
                 return None;
             }
-            if cell.id == id {
+            if cell.key == key {
                 return Some(i);
             }
             i = (i + 1) & self.mask;
         }
     }
 
-    /// The flow with conntrack id `id`.
-    pub fn get_mut(&mut self, id: u32) -> Option<&mut FlowState> {
-        let e = self.index[self.find(id)?].entry as usize;
+    /// The flow with key `key`.
+    pub fn get_mut(&mut self, key: FlowKey) -> Option<&mut FlowState> {
+        let e = self.index[self.find(key)?].entry as usize;
         Some(&mut self.entries[e].state)
     }
 
-    /// Inserts `state` for `id` as the newest flow, replacing any flow with
-    /// that id (its DESTROY was lost, or the kernel reused the id). Evicts
-    /// the oldest flow if the table is full.
-    pub fn insert(&mut self, id: u32, state: FlowState) -> (&mut FlowState, Inserted) {
-        if let Some(cell) = self.find(id) {
+    /// Inserts `state` for `key` as the newest flow, replacing any flow
+    /// with that key (its DESTROY was lost, or the kernel reused the id for
+    /// the same tuple). Evicts the oldest flow if the table is full.
+    pub fn insert(&mut self, key: FlowKey, state: FlowState) -> (&mut FlowState, Inserted) {
+        if let Some(cell) = self.find(key) {
             self.remove_cell(cell);
         }
         let mut outcome = Inserted::Fresh;
         if self.free == NIL {
-            let old = self.entries[self.oldest as usize].id;
+            let old = self.entries[self.oldest as usize].key;
             if let Some(cell) = self.find(old) {
                 self.remove_cell(cell);
             }
@@ -168,7 +174,7 @@ impl FlowTable {
         let e = self.free;
         self.free = self.entries[e as usize].next;
         self.entries[e as usize] = Entry {
-            id,
+            key,
             prev: self.newest,
             next: NIL,
             state,
@@ -178,18 +184,18 @@ impl FlowTable {
             n => self.entries[n as usize].next = e,
         }
         self.newest = e;
-        let mut i = hash(id) & self.mask;
+        let mut i = hash(key) & self.mask;
         while self.index[i].entry != NIL {
             i = (i + 1) & self.mask;
         }
-        self.index[i] = Cell { id, entry: e };
+        self.index[i] = Cell { key, entry: e };
         self.len += 1;
         (&mut self.entries[e as usize].state, outcome)
     }
 
-    /// Removes the flow `id`, returning its state.
-    pub fn remove(&mut self, id: u32) -> Option<FlowState> {
-        let cell = self.find(id)?;
+    /// Removes the flow `key`, returning its state.
+    pub fn remove(&mut self, key: FlowKey) -> Option<FlowState> {
+        let cell = self.find(key)?;
         Some(self.remove_cell(cell))
     }
 
@@ -219,7 +225,7 @@ impl FlowTable {
         self.index[hole] = EMPTY;
         let mut i = (hole + 1) & self.mask;
         while self.index[i].entry != NIL {
-            let home = hash(self.index[i].id) & self.mask;
+            let home = hash(self.index[i].key) & self.mask;
             // Move it unless its home lies cyclically in (hole, i].
             let dist_home = i.wrapping_sub(home) & self.mask;
             let dist_hole = i.wrapping_sub(hole) & self.mask;
@@ -256,11 +262,19 @@ mod tests {
         assert!(t.get_mut(7).is_none());
         assert!(t.remove(7).is_none());
         assert_eq!(t.len(), 1);
-        // Id 0 and u32::MAX are ordinary ids.
+        // Key 0 and u64::MAX are ordinary keys.
         t.insert(0, state(3));
-        t.insert(u32::MAX, state(4));
+        t.insert(u64::MAX, state(4));
         assert_eq!(t.get_mut(0).unwrap().seen_reply_ns, Some(3));
-        assert_eq!(t.get_mut(u32::MAX).unwrap().seen_reply_ns, Some(4));
+        assert_eq!(t.get_mut(u64::MAX).unwrap().seen_reply_ns, Some(4));
+    }
+
+    #[test]
+    fn memory_per_flow() {
+        // 56-byte entries and 16-byte index cells, twice as many cells as
+        // entries: 88 bytes a flow at a power-of-two capacity (docs/flows.md).
+        let t = FlowTable::new(262_144);
+        assert_eq!(t.allocated_bytes(), 262_144 * 88);
     }
 
     #[test]
@@ -295,15 +309,15 @@ mod tests {
     #[test]
     fn matches_a_hashmap_under_random_churn() {
         let mut t = FlowTable::new(64);
-        let mut model: HashMap<u32, u64> = HashMap::new();
-        let mut order: Vec<u32> = Vec::new();
+        let mut model: HashMap<u64, u64> = HashMap::new();
+        let mut order: Vec<u64> = Vec::new();
         let mut x = 12345u64;
         for step in 0..200_000u64 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             // Few distinct ids, so collisions, reuse and eviction all happen.
-            let id = (x % 150) as u32;
+            let id = x % 150;
             if x % 3 == 0 {
                 assert_eq!(
                     t.remove(id).map(|s| s.seen_reply_ns.unwrap()),

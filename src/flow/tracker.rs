@@ -30,7 +30,9 @@
 use crate::stats::{Counter, Series, ShardWriter};
 use crate::wire::{CtEvent, EventKind, Status, TcpState};
 
-use super::table::{FlowState, FlowTable, Inserted};
+use std::net::IpAddr;
+
+use super::table::{FlowKey, FlowState, FlowTable, Inserted};
 use super::Subnet;
 
 /// `IPPROTO_TCP`.
@@ -124,6 +126,7 @@ impl FlowTracker {
         let Some(id) = ev.id else {
             return;
         };
+        let id = flow_key(id, ev);
         let moment = Moment {
             at: ev.timestamp_event.unwrap_or(received_ns),
             seen_reply: ev.status.is_some_and(|s| s.has(Status::SEEN_REPLY)),
@@ -170,6 +173,29 @@ impl FlowTracker {
             }
         }
     }
+}
+
+/// The conntrack id in the high half, a hash of the original tuple in the
+/// low half: the kernel's 32-bit ids collide among many live flows (see
+/// [`super::table::FlowKey`]).
+#[inline]
+fn flow_key(id: u32, ev: &CtEvent) -> FlowKey {
+    let t = ev.orig.unwrap_or_default();
+    let addr = |a: Option<IpAddr>| match a {
+        Some(IpAddr::V4(v4)) => u128::from(u32::from(v4)),
+        Some(IpAddr::V6(v6)) => u128::from(v6),
+        None => 0,
+    };
+    let mix = |h: u64, v: u64| (h ^ v).wrapping_mul(0x100_0000_01B3).rotate_left(29);
+    let mut h = 0xCBF2_9CE4_8422_2325u64;
+    for a in [addr(t.src), addr(t.dst)] {
+        h = mix(h, a as u64);
+        h = mix(h, (a >> 64) as u64);
+    }
+    let ports =
+        u64::from(t.src_port.or(t.icmp_id).unwrap_or(0)) << 16 | u64::from(t.dst_port.unwrap_or(0));
+    h = mix(h, ports << 16 | u64::from(t.proto.unwrap_or(0)));
+    u64::from(id) << 32 | (h >> 32)
 }
 
 fn count_eviction(inserted: Inserted, shard: &mut ShardWriter<'_>) {
@@ -700,6 +726,29 @@ mod tests {
         assert_eq!(s.count(Series::FinLatency), 4);
         assert_eq!(s.count(Series::Duration), 5);
         assert_eq!(s.counter(Counter::EventsOrderErrors), 0);
+    }
+
+    #[test]
+    fn two_live_flows_with_the_same_kernel_id_are_two_flows() {
+        // The kernel's 32-bit ids are hashes: among 100,000 live flows two
+        // share one about once.
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        use TcpState as S;
+        let a = tcp_flow(20, &[S::SYN_RECV, S::FIN_WAIT]);
+        let mut b = tcp_flow(20, &[S::SYN_RECV, S::FIN_WAIT]);
+        for e in &mut b {
+            e.orig.as_mut().unwrap().src_port = Some(40001);
+            e.reply.as_mut().unwrap().dst_port = Some(40001);
+        }
+        // Interleaved: both NEWs before either flow goes on.
+        let events = [&a[0], &b[0], &a[1], &b[1], &a[2], &b[2], &a[3], &b[3]];
+        let events: Vec<CtEvent> = events.into_iter().copied().collect();
+        run.feed(&mut t, &events);
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 2);
+        assert_eq!(s.count(Series::FinLatency), 2);
+        assert_eq!(t.flows(), 0);
     }
 
     #[test]
