@@ -290,7 +290,7 @@ mod tests {
     fn when_full_the_oldest_live_flow_is_evicted() {
         let mut t = FlowTable::new(3);
         for id in 1..=3 {
-            assert_eq!(t.insert(id, state(id.into())).1, Inserted::Fresh);
+            assert_eq!(t.insert(id, state(id)).1, Inserted::Fresh);
         }
         assert_eq!(t.insert(4, state(4)).1, Inserted::Evicted(1));
         assert!(t.get_mut(1).is_none());
