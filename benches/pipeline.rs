@@ -6,7 +6,8 @@
 //!   `Datagram::next_into` into one reused `CtEvent` slot;
 //! * `parse + count + flow tracking + stats (the reader's per-event path)`:
 //!   what `conntrack_metrics::reader::run` does after `recvmmsg` returns,
-//!   mirrored step by step. Per batch of [`BATCH`] datagrams (the default
+//!   through the same functions (`reader::begin_batch`,
+//!   `reader::handle_datagram`). Per batch of [`BATCH`] datagrams (the default
 //!   `--recv-batch`): `ShardWriter::set_time(Instant::now())`, the wall-clock
 //!   `received_ns`, `observe(Series::ReaderBatch, n)`, and the flow-table
 //!   gauge at the end. Per datagram: the truncation check. Per event: the
@@ -34,12 +35,12 @@
 
 use std::hint::black_box;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use conntrack_metrics::flow::{FlowTracker, ServiceFilter};
-use conntrack_metrics::reader::FLOW_TABLE_FLOWS;
+use conntrack_metrics::reader::{self, FLOW_TABLE_FLOWS};
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::{Counter, Series, ShardSet, ShardWriter, Snapshot};
 use conntrack_metrics::wire::{capture, CtEvent, Datagram, EventKind, Message};
@@ -127,34 +128,18 @@ fn reader_path(
 ) {
     let flows_gauge = metrics::gauge!(FLOW_TABLE_FLOWS);
     for batch in datagrams.chunks(BATCH) {
-        // Once per batch, as the reader does after recvmmsg returns.
-        shard.set_time(Instant::now());
-        let received_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        shard.observe(Series::ReaderBatch, batch.len() as u64);
+        // Exactly the reader's code, after recvmmsg returns.
+        let received_ns = reader::begin_batch(shard, batch.len());
         for dg in batch {
-            if dg.truncated {
-                shard.count(Counter::TruncatedDatagrams, 1);
-                continue;
-            }
-            let mut walk = Datagram::new(&dg.bytes);
-            while let Some(message) = walk.next_into(event) {
-                match message {
-                    Ok(Message::Event(())) => {
-                        let counter = match event.kind {
-                            EventKind::New => Counter::EventsNew,
-                            EventKind::Update => Counter::EventsUpdate,
-                            EventKind::Destroy => Counter::EventsDestroy,
-                        };
-                        shard.count(counter, 1);
-                        flows.event(event, received_ns, shard);
-                    }
-                    Ok(Message::Overrun) => shard.count(Counter::NetlinkOverruns, 1),
-                    Ok(_) => {}
-                    Err(_) => shard.count(Counter::MalformedMessages, 1),
-                }
-            }
+            let _ = reader::handle_datagram(
+                &dg.bytes,
+                dg.truncated,
+                received_ns,
+                event,
+                shard,
+                flows,
+                &mut None,
+            );
         }
         flows_gauge.set(flows.flows() as f64);
     }

@@ -104,46 +104,17 @@ pub fn run(
                 return Err(e);
             }
         };
-        // One clock read per batch (vDSO, no syscall): the time of every
-        // event in it, for the summaries' sliding window.
-        shard.set_time(Instant::now());
-        let received_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        shard.observe(Series::ReaderBatch, received as u64);
+        let received_ns = begin_batch(shard, received);
         for datagram in batch.datagrams() {
-            if datagram.truncated {
-                shard.count(Counter::TruncatedDatagrams, 1);
-                continue;
-            }
-            let mut walk = Datagram::new(datagram.bytes);
-            while let Some(message) = walk.next_into(&mut event) {
-                match message {
-                    Ok(Message::Event(())) => {
-                        let counter = match event.kind {
-                            EventKind::New => Counter::EventsNew,
-                            EventKind::Update => Counter::EventsUpdate,
-                            EventKind::Destroy => Counter::EventsDestroy,
-                        };
-                        shard.count(counter, 1);
-                        flows.event(&event, received_ns, shard);
-                        if let Some(out) = print.as_mut() {
-                            writeln!(out, "{event}")?;
-                        }
-                    }
-                    Ok(Message::Overrun) => {
-                        shard.count(Counter::NetlinkOverruns, 1);
-                        flows.overrun();
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        shard.count(Counter::MalformedMessages, 1);
-                        if let Some(out) = print.as_mut() {
-                            writeln!(out, "[MALFORMED] {e}")?;
-                        }
-                    }
-                }
-            }
+            handle_datagram(
+                datagram.bytes,
+                datagram.truncated,
+                received_ns,
+                &mut event,
+                shard,
+                flows,
+                &mut print,
+            )?;
         }
         // An atomic store through a handle made once: no lookup, no allocation.
         flows_gauge.set(flows.flows() as f64);
@@ -151,4 +122,65 @@ pub fn run(
             out.flush()?;
         }
     }
+}
+
+/// What the reader does once per received batch of `datagrams`: one clock
+/// read each (vDSO, no syscall) for the summaries' window and for events the
+/// kernel did not stamp, and the batch size. Returns the wall-clock receive
+/// time in nanoseconds.
+#[inline]
+pub fn begin_batch(shard: &mut ShardWriter<'_>, datagrams: usize) -> u64 {
+    shard.set_time(Instant::now());
+    shard.observe(Series::ReaderBatch, datagrams as u64);
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// What the reader does with one received datagram: every message parsed
+/// into `event`, counted, and given to the flow tracker; malformed ones
+/// counted and skipped. `print` is the `--print-events` output, if any.
+#[inline]
+pub fn handle_datagram(
+    bytes: &[u8],
+    truncated: bool,
+    received_ns: u64,
+    event: &mut CtEvent,
+    shard: &mut ShardWriter<'_>,
+    flows: &mut FlowTracker,
+    print: &mut Option<&mut dyn Write>,
+) -> io::Result<()> {
+    if truncated {
+        shard.count(Counter::TruncatedDatagrams, 1);
+        return Ok(());
+    }
+    let mut walk = Datagram::new(bytes);
+    while let Some(message) = walk.next_into(event) {
+        match message {
+            Ok(Message::Event(())) => {
+                let counter = match event.kind {
+                    EventKind::New => Counter::EventsNew,
+                    EventKind::Update => Counter::EventsUpdate,
+                    EventKind::Destroy => Counter::EventsDestroy,
+                };
+                shard.count(counter, 1);
+                flows.event(event, received_ns, shard);
+                if let Some(out) = print.as_mut() {
+                    writeln!(out, "{event}")?;
+                }
+            }
+            Ok(Message::Overrun) => {
+                shard.count(Counter::NetlinkOverruns, 1);
+                flows.overrun();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                shard.count(Counter::MalformedMessages, 1);
+                if let Some(out) = print.as_mut() {
+                    writeln!(out, "[MALFORMED] {e}")?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
