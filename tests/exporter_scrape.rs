@@ -33,10 +33,13 @@ while True:
     data, peer = u.recvfrom(2048); u.sendto(data, peer)
 "#;
 
+/// 40 flows, each from its own source port: ephemeral ports can repeat, and
+/// a repeated tuple would be the same flow.
 const CLIENT: &str = r#"
 import socket
 for i in range(40):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+    s.bind(("0.0.0.0", 20000 + i))
     s.sendto(b"q", ("10.96.0.10", 53)); assert s.recv(10) == b"q"; s.close()
 print("done", flush=True)
 "#;
