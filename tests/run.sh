@@ -2,7 +2,8 @@
 # Runs every test of conntrack-metrics: formatting, lints, unit and property
 # tests, the fixture golden tests, the end-to-end tests against the real
 # kernel (in network namespaces it creates and removes), the benches in test
-# mode, and a compile check of the fuzz targets.
+# mode, a compile check of the fuzz targets, and the deployment manifests and
+# dashboard (deploy/validate.sh).
 #
 # Needs root (namespaces, nftables, conntrack). Installs the Debian packages
 # (and the one PyPI package) the tests use when they are missing.
@@ -24,17 +25,25 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-# The reference OpenMetrics parser, for the python3 on PATH (which may not be Debian's).
-if ! python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
-    echo "tests/run.sh: installing prometheus-client (PyPI) for the OpenMetrics check"
-    python3 -m pip install -q --disable-pip-version-check prometheus-client
-fi
+# The reference OpenMetrics parser and PyYAML (deploy/validate.sh), for the
+# python3 on PATH (which may not be Debian's). deploy/validate.sh installs
+# kubernetes-validate (PyPI) itself.
+for module_pkg in prometheus_client.openmetrics.parser:prometheus-client yaml:pyyaml; do
+    if ! python3 -c "import ${module_pkg%%:*}" 2>/dev/null; then
+        echo "tests/run.sh: installing ${module_pkg#*:} (PyPI)"
+        python3 -m pip install -q --disable-pip-version-check "${module_pkg#*:}"
+    fi
+done
 
 step() { printf '\n==> %s\n' "$*"; "$@"; }
 
 step cargo fmt --all -- --check
 step cargo clippy --all-targets -- -D warnings
 step cargo check --manifest-path fuzz/Cargo.toml --bins
+# The deployment manifests against the Kubernetes schemas, and every dashboard
+# query against a real Prometheus scraping the exporter in a namespace.
+step cargo build
+step env EXPORTER=target/debug/conntrack-metrics deploy/validate.sh
 
 # Unit, property, fixture and kernel tests; the benches run once in test mode.
 log=$(mktemp)

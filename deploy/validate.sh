@@ -1,0 +1,294 @@
+#!/usr/bin/env bash
+# Validates deploy/ offline. From anywhere:
+#
+#     deploy/validate.sh            (root is needed for the live checks, step 4-5)
+#
+# 1. Renders deploy/ and deploy/monitoring/ with `kubectl kustomize` (configMapGenerator
+#    included). Without kubectl: loads every raw YAML file with python3 + PyYAML instead
+#    (the generated ConfigMaps are then not checked).
+# 2. Validates every rendered manifest against the Kubernetes 1.29 OpenAPI schemas with
+#    the PyPI package kubernetes-validate (offline, bundled schemas; --strict rejects
+#    unknown fields). deploy/extras/podmonitor.yaml is a CRD kind the package has no
+#    schema for: it is only loaded and checked for its selector/port.
+# 3. Parses dashboard.json, prometheus.yml and Grafana's provisioning files.
+# 4. Checks every PromQL expression of the dashboard names only metrics the exporter
+#    exposes: from a real scrape of the exporter run in a network namespace this script
+#    creates (needs root, `ip`, curl), else from docs/metrics.md. container_* names are
+#    cAdvisor's (kubelet), not the exporter's, and are checked against a fixed list.
+#    Before the scrape (with nft and conntrack) it sends 5 HTTP requests through a
+#    DNAT'd ClusterIP in that namespace, so every histogram has observations.
+# 5. If the `prometheus` binary is there too: runs a Prometheus in that namespace
+#    scraping the exporter every second, evaluates every dashboard expression through
+#    its HTTP API, and fails on any query error or any exporter expression that returns
+#    no number (cAdvisor's container_* series cannot exist there and are only listed).
+#
+# Environment: EXPORTER (default target/release/conntrack-metrics, built if missing),
+# K8S_VERSION (default 1.29), SKIP_LIVE=1 to skip the live part of steps 4-5,
+# NO_KUBECTL=1 to check the raw files as if kubectl were missing.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+K8S_VERSION=${K8S_VERSION:-1.29}
+EXPORTER=${EXPORTER:-$root/target/release/conntrack-metrics}
+tmp=$(mktemp -d)
+ns=ctmval$$
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+fail() { echo "FAIL: $*" >&2; exit 1; }
+step() { echo; echo "== $*"; }
+
+command -v python3 >/dev/null || fail "python3 is needed"
+python3 -c 'import yaml' 2>/dev/null || fail "PyYAML is needed (apt-get install python3-yaml)"
+
+step "1. render"
+rendered=()
+if [ "${NO_KUBECTL:-0}" != 1 ] && command -v kubectl >/dev/null; then
+    for k in "$here" "$here/monitoring"; do
+        out=$tmp/$(basename "$k").rendered.yaml
+        kubectl kustomize "$k" >"$out" || fail "kubectl kustomize $k"
+        echo "kubectl kustomize ${k#"$root"/}: $(grep -c '^kind:' "$out") resources"
+        rendered+=("$out")
+    done
+else
+    echo "kubectl not found: checking the raw YAML files (generated ConfigMaps not rendered)"
+    for f in "$here"/*.yaml "$here"/monitoring/*.yaml; do
+        case $(basename "$f") in kustomization.yaml) continue ;; esac
+        rendered+=("$f")
+    done
+fi
+# Every document must load, and have apiVersion, kind and metadata.name.
+python3 - "${rendered[@]}" <<'PY'
+import sys, yaml
+for f in sys.argv[1:]:
+    for d in yaml.safe_load_all(open(f)):
+        if d is None:
+            continue
+        for k in ("apiVersion", "kind"):
+            assert k in d, f"{f}: a document without {k}"
+        assert d.get("metadata", {}).get("name"), f"{f}: {d['kind']} without metadata.name"
+print("every document loads")
+PY
+
+step "2. kubernetes-validate -k $K8S_VERSION --strict"
+if ! command -v kubernetes-validate >/dev/null; then
+    echo "installing kubernetes-validate from PyPI"
+    python3 -m pip install --quiet kubernetes-validate || fail "pip install kubernetes-validate"
+fi
+for f in "${rendered[@]}"; do
+    docs=$(python3 -c 'import sys,yaml; print(sum(1 for d in yaml.safe_load_all(open(sys.argv[1])) if d))' "$f")
+    log=$tmp/kv.log
+    kubernetes-validate -k "$K8S_VERSION" --strict "$f" >"$log" 2>&1 || { cat "$log"; fail "$f does not validate"; }
+    passed=$(grep -c ' passed for resource ' "$log" || true)
+    grep -v ' passed for resource ' "$log" || true
+    [ "$passed" = "$docs" ] || { cat "$log"; fail "$f: $passed of $docs resources validated"; }
+    echo "${f#"$tmp"/}: $passed/$docs resources valid"
+done
+python3 - "$here/extras/podmonitor.yaml" "$here/daemonset.yaml" <<'PY'
+import sys, yaml
+pm = yaml.safe_load(open(sys.argv[1]))
+ds = yaml.safe_load(open(sys.argv[2]))
+assert pm["apiVersion"] == "monitoring.coreos.com/v1" and pm["kind"] == "PodMonitor"
+labels = ds["spec"]["template"]["metadata"]["labels"]
+for k, v in pm["spec"]["selector"]["matchLabels"].items():
+    assert labels.get(k) == v, f"PodMonitor selector {k}={v} does not match the DaemonSet's pods"
+ports = {p["name"] for c in ds["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+for e in pm["spec"]["podMetricsEndpoints"]:
+    assert e["port"] in ports, f"PodMonitor port {e['port']} is not a named port of the DaemonSet"
+print("extras/podmonitor.yaml: loads; selector and port match the DaemonSet (no CRD schema checked)")
+PY
+
+step "3. configuration files"
+python3 - "$here/monitoring" <<'PY'
+import json, sys, yaml
+d = sys.argv[1]
+json.load(open(f"{d}/dashboard.json"))
+cfg = yaml.safe_load(open(f"{d}/prometheus.yml"))
+assert cfg["scrape_configs"], "prometheus.yml has no scrape_configs"
+for doc in yaml.safe_load_all(open(f"{d}/grafana.yaml")):
+    if doc and doc["kind"] == "ConfigMap":
+        for k, v in doc["data"].items():
+            yaml.safe_load(v)
+print("dashboard.json, prometheus.yml and Grafana's provisioning files parse")
+PY
+
+# The dashboard's expressions, one a line, Grafana's interval variables made concrete.
+python3 - "$here/monitoring/dashboard.json" >"$tmp/exprs.txt" <<'PY'
+import json, sys
+def walk(ps):
+    for p in ps:
+        yield from walk(p.get("panels", []))
+        for t in p.get("targets", []):
+            yield t["expr"]
+for e in walk(json.load(open(sys.argv[1]))["panels"]):
+    print(e.replace("$__rate_interval", "1m").replace("$__interval", "1m"))
+PY
+echo "$(wc -l <"$tmp/exprs.txt") PromQL expressions in the dashboard"
+
+step "4. metric names"
+live=0
+traffic=0
+if [ "${SKIP_LIVE:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v ip >/dev/null && command -v curl >/dev/null; then
+    live=1
+fi
+if [ $live = 1 ]; then
+    if [ ! -x "$EXPORTER" ]; then
+        (cd "$root" && cargo build --release --locked --bin conntrack-metrics) || fail "cargo build"
+    fi
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip netns exec "$ns" "$EXPORTER" --no-sysctl --node-name validate \
+        --metrics-bind-address 127.0.0.1:19100 >"$tmp/exporter.log" 2>&1 &
+    pids+=($!)
+    ok=0
+    for _ in $(seq 50); do
+        if ip netns exec "$ns" curl -fsS -o /dev/null http://127.0.0.1:19100/readyz 2>/dev/null; then ok=1; break; fi
+        sleep 0.2
+    done
+    [ $ok = 1 ] || { cat "$tmp/exporter.log"; fail "the exporter did not become ready"; }
+    # Service traffic, so that every histogram has observations: 10.96.1.10:80 (in the
+    # default --svc-subnet) DNAT'd by nftables, as kube-proxy does, to an HTTP server on
+    # 10.97.0.1:8080, both on lo; 5 requests, then `conntrack -F` so their DESTROY
+    # events come now rather than after TIME_WAIT.
+    traffic=0
+    if command -v nft >/dev/null && command -v conntrack >/dev/null; then
+        ip -n "$ns" addr add 10.96.1.10/32 dev lo
+        ip -n "$ns" addr add 10.97.0.1/32 dev lo
+        ip netns exec "$ns" sysctl -qw net.netfilter.nf_conntrack_acct=1 \
+            net.netfilter.nf_conntrack_timestamp=1
+        printf '%s\n' 'table ip ctmvalidate {' \
+            ' chain out { type nat hook output priority -100; ip daddr 10.96.1.10 tcp dport 80 dnat to 10.97.0.1:8080; }' \
+            '}' | ip netns exec "$ns" nft -f -
+        (cd "$tmp" && exec ip netns exec "$ns" python3 -m http.server --bind 10.97.0.1 8080) >/dev/null 2>&1 &
+        pids+=($!)
+        sleep 1
+        for _ in 1 2 3 4 5; do
+            ip netns exec "$ns" curl -fsS -o /dev/null --retry 3 --retry-connrefused http://10.96.1.10/ \
+                || fail "no answer through the DNAT rule"
+        done
+        sleep 0.5
+        ip netns exec "$ns" conntrack -F >/dev/null 2>&1
+        for _ in $(seq 50); do
+            ip netns exec "$ns" curl -fsS http://127.0.0.1:19100/metrics >"$tmp/metrics.txt"
+            if grep -q '^conntrack_monitoring_service_duration_seconds_count{.*} 5$' "$tmp/metrics.txt"; then
+                traffic=1; break
+            fi
+            sleep 0.2
+        done
+        [ $traffic = 1 ] || { grep _count "$tmp/metrics.txt"; fail "the exporter did not count the 5 Service flows"; }
+        echo "5 flows through a DNAT'd ClusterIP counted by the exporter"
+    else
+        echo "nft or conntrack missing: no Service traffic, histograms stay empty"
+    fi
+    ip netns exec "$ns" curl -fsS http://127.0.0.1:19100/metrics >"$tmp/metrics.txt"
+    ip netns exec "$ns" curl -fsS -o /dev/null http://127.0.0.1:19100/healthz || fail "/healthz"
+    echo "scraped $EXPORTER in network namespace $ns: $(grep -vc '^#' "$tmp/metrics.txt") samples"
+    names_src=$tmp/metrics.txt
+else
+    echo "no live scrape (needs root, ip, curl; SKIP_LIVE unset): names from docs/metrics.md"
+    names_src=$root/docs/metrics.md
+fi
+python3 - "$names_src" "$live" "$tmp/exprs.txt" <<'PY'
+import re, sys
+src, live, exprs = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+text = open(src).read()
+if live:
+    known = {re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", l).group(0)
+             for l in text.splitlines() if l and not l.startswith("#")}
+else:
+    fams = set(re.findall(r"`(conntrack_monitoring_[A-Za-z0-9_]+)", text))
+    known = fams | {f + s for f in fams for s in ("_bucket", "_sum", "_count")}
+# cAdvisor's (the kubelet's), scraped by deploy/monitoring/prometheus.yml.
+cadvisor = {"container_cpu_usage_seconds_total", "container_memory_working_set_bytes",
+            "container_memory_rss"}
+bad = []
+used = set()
+for e in open(exprs).read().splitlines():
+    e_nolabels = re.sub(r'\{[^}]*\}', '', e)            # label matchers
+    e_nolabels = re.sub(r'\bby\s*\([^)]*\)', '', e_nolabels)  # grouping labels
+    for n in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", e_nolabels):
+        if n.startswith("conntrack_"):
+            used.add(n)
+            if n not in known:
+                bad.append((n, e))
+        elif n.startswith("container_"):
+            used.add(n)
+            if n not in cadvisor:
+                bad.append((n, e))
+for n, e in bad:
+    print(f"unknown metric {n} in: {e}")
+if bad:
+    sys.exit(1)
+print(f"{len(used)} metric names used, all exposed ({'live scrape' if live else 'docs/metrics.md'}; "
+      f"{len(used & cadvisor)} from cAdvisor)")
+PY
+
+step "5. every expression against a real Prometheus"
+if [ $live = 1 ] && command -v prometheus >/dev/null; then
+    cat >"$tmp/prom.yml" <<'YML'
+global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}
+scrape_configs:
+  - job_name: conntrack-metrics
+    static_configs: [{targets: ["127.0.0.1:19100"]}]
+YML
+    ip netns exec "$ns" prometheus --config.file="$tmp/prom.yml" --storage.tsdb.path="$tmp/tsdb" \
+        --web.listen-address=127.0.0.1:19090 >"$tmp/prometheus.log" 2>&1 &
+    pids+=($!)
+    ok=0
+    for _ in $(seq 100); do
+        if ip netns exec "$ns" curl -fsS -o /dev/null http://127.0.0.1:19090/-/ready 2>/dev/null; then ok=1; break; fi
+        sleep 0.2
+    done
+    [ $ok = 1 ] || { tail -20 "$tmp/prometheus.log"; fail "Prometheus did not become ready"; }
+    # Prometheus applies discovered targets after up to 5 s: wait for the first
+    # successful scrape, then a few more so that rate() over 1m has samples.
+    ok=0
+    for _ in $(seq 60); do
+        if ip netns exec "$ns" curl -fsS -G --data-urlencode 'query=up{job="conntrack-metrics"} == 1' \
+            http://127.0.0.1:19090/api/v1/query 2>/dev/null | grep -q '"value"'; then ok=1; break; fi
+        sleep 0.5
+    done
+    [ $ok = 1 ] || { tail -20 "$tmp/prometheus.log"; fail "Prometheus never scraped the exporter"; }
+    sleep 3
+    : >"$tmp/results.txt"
+    while IFS= read -r e; do
+        ip netns exec "$ns" curl -sS -G --data-urlencode "query=$e" \
+            http://127.0.0.1:19090/api/v1/query >"$tmp/r.json"
+        printf '%s\t%s\n' "$(python3 -c 'import json,sys
+r=json.load(open(sys.argv[1]))
+# "error:..." / "0" (no series) / "nan" (series, every value NaN) / the number of series
+# with a number.
+if r["status"] != "success": print("error:" + r.get("error", ""))
+elif not r["data"]["result"]: print(0)
+else:
+    n = sum(1 for x in r["data"]["result"] if x["value"][1].lower() != "nan")
+    print(n if n else "nan")' "$tmp/r.json")" "$e" >>"$tmp/results.txt"
+    done <"$tmp/exprs.txt"
+    errors=$(grep -c '^error:' "$tmp/results.txt" || true)
+    empty=$(grep -c $'^0\t' "$tmp/results.txt" || true)
+    nan=$(grep -c $'^nan\t' "$tmp/results.txt" || true)
+    total=$(wc -l <"$tmp/results.txt")
+    grep -v $'^[1-9][0-9]*\t' "$tmp/results.txt" | sed 's/^/  /' || true
+    echo "$total expressions evaluated by $(prometheus --version 2>&1 | head -1):" \
+        "$errors errors, $empty without series, $nan only NaN (listed above), the rest return numbers"
+    [ "$errors" = 0 ] || fail "PromQL errors"
+    # cAdvisor's series cannot exist here; every exporter expression must return
+    # series, and numbers when there was Service traffic.
+    if grep -v $'^[1-9][0-9]*\t' "$tmp/results.txt" | grep -v container_ >/dev/null; then
+        if [ $traffic = 1 ] || grep $'^0\t' "$tmp/results.txt" | grep -v container_ >/dev/null; then
+            fail "an exporter expression returned no data"
+        fi
+    fi
+else
+    echo "skipped (needs root, ip, curl and the prometheus binary)"
+fi
+
+echo
+echo "deploy/ validation passed"
