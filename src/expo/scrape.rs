@@ -107,6 +107,7 @@ impl Exposition {
         }
         self.counters(format, out);
         self.histogram(&crate::stats::family::READER_BATCH, out);
+        self.process(format, out);
         if let Some(facade) = &self.facade {
             self.facade_text.clear();
             let _ = facade.render_to_write(&mut self.facade_text);
@@ -284,6 +285,61 @@ impl Exposition {
             write_type(out, &name, "counter");
             let v = Value::Count(self.snapshot.counter(Counter::NetlinkOverruns));
             write_sample(out, &name, "", &[("node", &node)], v);
+        }
+    }
+}
+
+impl Exposition {
+    /// The standard `process_*` families (as Prometheus client libraries
+    /// write them), from `/proc/self`: CPU and memory for the dashboard
+    /// without cAdvisor.
+    fn process(&mut self, format: Format, out: &mut Vec<u8>) {
+        let p = crate::sys::process::read();
+        let node = self.options.node.as_str();
+        let labels = [("node", node)];
+        let cpu = match format {
+            Format::Prometheus => "process_cpu_seconds_total",
+            Format::OpenMetrics => "process_cpu_seconds",
+        };
+        write_help(out, cpu, "Total user and system CPU time spent in seconds.");
+        write_type(out, cpu, "counter");
+        write_sample(
+            out,
+            "process_cpu_seconds_total",
+            "",
+            &labels,
+            Value::Float(p.cpu_seconds),
+        );
+        for (name, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                Value::Count(p.resident_bytes),
+            ),
+            (
+                "process_resident_memory_peak_bytes",
+                "Peak resident memory size in bytes (VmHWM).",
+                Value::Count(p.resident_peak_bytes),
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                Value::Count(p.virtual_bytes),
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors.",
+                Value::Count(p.open_fds),
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                Value::Float(p.start_time_seconds),
+            ),
+        ] {
+            write_help(out, name, help);
+            write_type(out, name, "gauge");
+            write_sample(out, name, "", &labels, value);
         }
     }
 }

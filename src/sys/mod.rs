@@ -10,6 +10,7 @@
 #![allow(unsafe_code)]
 
 pub mod netlink;
+pub mod process;
 pub mod recv;
 pub mod signal;
 pub mod sysctl;
