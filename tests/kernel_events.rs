@@ -153,20 +153,8 @@ fn live_kernel_events_decode_for_tcp_udp_icmp_over_ipv4_and_ipv6() {
     assert_eq!(ready.trim(), "ready");
 
     let node = vn.node.clone();
-    let exporter = vn.spawn(
-        &node,
-        &[env!("CARGO_BIN_EXE_conntrack-metrics"), "--print-events"],
-        Stdio::piped(),
-        Stdio::piped(),
-    );
-    let mut stderr = BufReader::new(exporter.stderr.take().unwrap());
-    let mut banner = String::new();
-    stderr.read_line(&mut banner).unwrap();
-    assert!(banner.contains("subscribed"), "{banner}");
-    // Keep draining stderr so the exporter's later lines never meet a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let stdout = common::exporter::start(&mut vn, 9100, &["--print-events"]);
     let (tx, rx) = mpsc::channel();
-    let stdout = exporter.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             if tx.send(line.unwrap()).is_err() {

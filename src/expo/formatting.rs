@@ -124,6 +124,19 @@ pub fn write_type(out: &mut Vec<u8>, name: &str, kind: &str) {
     out.push(b'\n');
 }
 
+/// HELP and TYPE of a counter whose samples are `{base}_total`: the
+/// Prometheus text names the family `{base}_total`, OpenMetrics `{base}`.
+pub fn write_counter_meta(out: &mut Vec<u8>, openmetrics: bool, base: &str, help: &str) {
+    let mut family = Vec::with_capacity(base.len() + 6);
+    family.extend_from_slice(base.as_bytes());
+    if !openmetrics {
+        family.extend_from_slice(b"_total");
+    }
+    let family = std::str::from_utf8(&family).unwrap_or(base);
+    write_help(out, family, help);
+    write_type(out, family, "counter");
+}
+
 /// `name{k="v",...} value`: labels in the order given, values escaped
 /// (`\\`, `"`, newline).
 pub fn write_sample(

@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use super::formatting::{write_go_float, write_help, write_sample, write_type, Value};
+use super::formatting::{
+    write_counter_meta, write_go_float, write_help, write_sample, write_type, Value,
+};
 use super::http::Format;
 use crate::stats::family::{HistogramFamily, NAMESPACE};
 use crate::stats::{Counter, Quantiles, Series, ShardSet, Snapshot};
@@ -74,11 +76,6 @@ impl Exposition {
             facade_text: Vec::new(),
             name: String::new(),
         }
-    }
-
-    /// The snapshot of the last render (for tests and self-checks).
-    pub fn last_snapshot(&self) -> &Snapshot {
-        &self.snapshot
     }
 
     /// Merges the shards and appends the whole exposition to `out`.
@@ -205,13 +202,8 @@ impl Exposition {
         samples: &[(Counter, Option<&str>)],
         out: &mut Vec<u8>,
     ) {
-        // Prometheus text names the family with `_total`; OpenMetrics without.
-        let family = match format {
-            Format::Prometheus => self.full_name(base, "_total").to_owned(),
-            Format::OpenMetrics => self.full_name(base, "").to_owned(),
-        };
-        write_help(out, &family, help);
-        write_type(out, &family, "counter");
+        let family = self.full_name(base, "").to_owned();
+        write_counter_meta(out, format == Format::OpenMetrics, &family, help);
         let sample = self.full_name(base, "_total").to_owned();
         let node = self.options.node.as_str();
         for &(c, ty) in samples {
@@ -297,12 +289,12 @@ impl Exposition {
         let p = crate::sys::process::read();
         let node = self.options.node.as_str();
         let labels = [("node", node)];
-        let cpu = match format {
-            Format::Prometheus => "process_cpu_seconds_total",
-            Format::OpenMetrics => "process_cpu_seconds",
-        };
-        write_help(out, cpu, "Total user and system CPU time spent in seconds.");
-        write_type(out, cpu, "counter");
+        write_counter_meta(
+            out,
+            format == Format::OpenMetrics,
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+        );
         write_sample(
             out,
             "process_cpu_seconds_total",
