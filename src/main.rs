@@ -17,13 +17,17 @@ use mio::{Poll, Waker};
 use conntrack_metrics::config::Config;
 use conntrack_metrics::expo::http::{Endpoint, Limits};
 use conntrack_metrics::expo::scrape::{Exposition, ScrapeOptions};
-use conntrack_metrics::flow::{FlowTracker, ServiceFilter};
-use conntrack_metrics::reader::{self, FLOW_TABLE_CAPACITY, FLOW_TABLE_FLOWS, SLOT_BYTES};
+use conntrack_metrics::flow::event_mask::{self, EventMask};
+use conntrack_metrics::flow::{FlowTracker, KernelFiltered, ReaderShare, ServiceFilter, Subnet};
+use conntrack_metrics::reader::{
+    self, FLOW_TABLE_CAPACITY, FLOW_TABLE_FLOWS, READER_DATAGRAMS, SLOT_BYTES,
+};
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::ShardSet;
 use conntrack_metrics::sys::signal;
 use conntrack_metrics::sys::sysctl::{self, Outcome};
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch};
+use conntrack_metrics::wire::bpf;
 
 const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
 const RCVBUF: &str = "conntrack_monitoring_netlink_receive_buffer_bytes";
@@ -72,11 +76,15 @@ fn run(config: Config) -> io::Result<()> {
     );
     metrics::describe_gauge!(
         FLOW_TABLE_FLOWS,
-        "Service flows being tracked between their NEW and DESTROY"
+        "Service flows being tracked between their NEW and DESTROY, by event reader"
     );
     metrics::describe_gauge!(
         FLOW_TABLE_CAPACITY,
-        "Flows the flow table holds before it evicts the oldest (--max-flows)"
+        "Flows each reader's flow table holds before it evicts the oldest (--max-flows / --readers)"
+    );
+    metrics::describe_counter!(
+        READER_DATAGRAMS,
+        "Netlink datagrams each event reader received (each a conntrack event or a control message)"
     );
     metrics::describe_histogram!(
         SCRAPE_DURATION,
@@ -102,24 +110,85 @@ fn run(config: Config) -> io::Result<()> {
         Err(e) => return Err(e),
     }
 
-    let socket = ConntrackSocket::open(EventGroups::ALL, config.rcvbuf_bytes).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "cannot subscribe to conntrack events: {e} \
-                 (needs root or CAP_NET_ADMIN in this network namespace)"
+    // The event mask first: flows created from here on carry it.
+    let event_mask = if config.event_mask {
+        let mask = EventMask::install(&config.svc_subnets, &config.exclude_subnets)
+            .map_err(io::Error::other)?;
+        log!(
+            "--event-mask: table {} set: the kernel builds no events for flows outside \
+             the service subnets (for ANY listener on this node)",
+            event_mask::TABLE
+        );
+        Some(mask)
+    } else {
+        match event_mask::remove_stale() {
+            Ok(true) => log!(
+                "removed table {} left by an earlier run (no --event-mask now)",
+                event_mask::TABLE
             ),
-        )
-    })?;
-    log!(
-        "subscribed to conntrack NEW/UPDATE/DESTROY, receive buffer {} bytes",
-        socket.granted_rcvbuf()
-    );
-    metrics::gauge!(RCVBUF).set(socket.granted_rcvbuf() as f64);
+            Ok(false) => {}
+            Err(e) => log!("warning: {e}"),
+        }
+        None
+    };
 
+    let readers = config.readers;
+    let cpus = reader_cpus(&config.reader_cpu, readers);
     let window = SummaryWindow::from_minutes(config.summary_timeout.into());
-    let shards = Arc::new(ShardSet::new(config.stats_shards, window));
-    let ready = Arc::new(AtomicBool::new(false));
+    let shards = Arc::new(ShardSet::new(config.stats_shards.max(readers), window));
+    let kernel_filtered = KernelFiltered {
+        non_service: !config.no_socket_filter,
+        other_shares: readers > 1,
+    };
+    let mut sockets = Vec::with_capacity(readers);
+    for index in 0..readers {
+        let socket = ConntrackSocket::open(EventGroups::ALL, config.rcvbuf_bytes).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot subscribe to conntrack events: {e} \
+                     (needs root or CAP_NET_ADMIN in this network namespace)"
+                ),
+            )
+        })?;
+        let share = ReaderShare::new(index as u32, readers as u32).map_err(io::Error::other)?;
+        if kernel_filtered.non_service || kernel_filtered.other_shares {
+            // Without --no-socket-filter, only Service flows pass; with it
+            // (and several readers), every flow of this reader's share.
+            let everything = [Subnet::ALL_V4, Subnet::ALL_V6];
+            let (services, excluded): (&[Subnet], &[Subnet]) = if kernel_filtered.non_service {
+                (&config.svc_subnets, &config.exclude_subnets)
+            } else {
+                (&everything, &[])
+            };
+            let program = bpf::service_event_filter(services, excluded, Some(share))
+                .map_err(|e| io::Error::other(format!("kernel socket filter: {e}")))?;
+            socket.attach_filter(&program).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot attach the kernel socket filter: {e} (--no-socket-filter skips it)"
+                    ),
+                )
+            })?;
+        }
+        if index == 0 {
+            log!(
+                "subscribed to conntrack NEW/UPDATE/DESTROY with {readers} reader(s), \
+                 receive buffer {} bytes each, kernel filter: {}",
+                socket.granted_rcvbuf(),
+                match (kernel_filtered.non_service, readers > 1) {
+                    (true, false) => "service flows".to_string(),
+                    (true, true) => format!("service flows, 1/{readers} of them per reader"),
+                    (false, true) => format!("1/{readers} of all flows per reader"),
+                    (false, false) => "none (--no-socket-filter)".to_string(),
+                }
+            );
+            metrics::gauge!(RCVBUF).set(socket.granted_rcvbuf() as f64);
+        }
+        sockets.push((socket, share));
+    }
+
     let (endpoint, stop) =
         Endpoint::bind(config.metrics_bind_address, Limits::default()).map_err(|e| {
             io::Error::new(
@@ -128,61 +197,89 @@ fn run(config: Config) -> io::Result<()> {
             )
         })?;
 
-    // The reader drains events queued since the subscription; /readyz says
-    // 503 until its loop runs. If it ever stops, it stops the endpoint too.
-    let mut poll = Poll::new()?;
-    let waker = Arc::new(Waker::new(poll.registry(), reader::WAKE)?);
+    // Each reader drains events queued since its subscription; /readyz says
+    // 503 until every reader's loop runs. If one stops, it stops the others
+    // and the endpoint.
     let stopping = Arc::new(AtomicBool::new(false));
+    let mut polls = Vec::with_capacity(readers);
+    let mut wakers = Vec::with_capacity(readers);
+    for _ in 0..readers {
+        let poll = Poll::new()?;
+        wakers.push(Arc::new(Waker::new(poll.registry(), reader::WAKE)?));
+        polls.push(poll);
+    }
+    let wakers = Arc::new(wakers);
+    let wake_all = {
+        let (stop, wakers, stopping) = (stop.clone(), Arc::clone(&wakers), Arc::clone(&stopping));
+        move || {
+            stopping.store(true, Ordering::Release);
+            for waker in wakers.iter() {
+                let _ = waker.wake();
+            }
+            stop.stop();
+        }
+    };
 
-    // SIGTERM, SIGINT, SIGHUP: stop the reader and the endpoint; main returns.
+    // SIGTERM, SIGINT, SIGHUP: stop the readers and the endpoint; main returns.
     {
-        let (stop, waker, stopping) = (stop.clone(), Arc::clone(&waker), Arc::clone(&stopping));
+        let wake_all = wake_all.clone();
         std::thread::Builder::new()
             .name("ct-signals".into())
             .spawn(move || {
                 if let Ok(name) = signal::wait_for_stop_signal() {
                     log!("{name}: stopping");
                 }
-                stopping.store(true, Ordering::Release);
-                let _ = waker.wake();
-                stop.stop();
+                wake_all();
             })?;
     }
 
-    let reader = {
+    let filter = ServiceFilter::new(config.svc_subnets.clone(), config.exclude_subnets.clone());
+    let mut ready_flags = Vec::with_capacity(readers);
+    let mut threads = Vec::with_capacity(readers);
+    for (index, ((socket, share), mut poll)) in sockets.into_iter().zip(polls).enumerate() {
         let stopping = Arc::clone(&stopping);
-        let (shards, ready) = (Arc::clone(&shards), Arc::clone(&ready));
-        let (batch_size, print) = (config.recv_batch, config.print_events);
-        let reader_cpu = config.reader_cpu;
-        let filter = ServiceFilter::new(config.svc_subnets.clone(), config.exclude_subnets.clone());
+        let shards = Arc::clone(&shards);
+        let ready = Arc::new(AtomicBool::new(false));
+        ready_flags.push(Arc::clone(&ready));
+        let (batch_size, print, cpu) = (config.recv_batch, config.print_events, cpus[index]);
         // Allocated here, before the reader starts: the per-event path never allocates.
-        let mut flows = FlowTracker::new(filter, config.max_flows);
-        metrics::gauge!(FLOW_TABLE_CAPACITY).set(flows.capacity() as f64);
-        std::thread::Builder::new()
-            .name("ct-reader".into())
+        let mut flows = FlowTracker::for_reader(
+            filter.clone(),
+            config.max_flows / readers,
+            share,
+            kernel_filtered,
+        );
+        metrics::gauge!(FLOW_TABLE_CAPACITY, "reader" => index.to_string())
+            .set(flows.capacity() as f64);
+        let wake_all = wake_all.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("ct-reader-{index}"))
             .spawn(move || -> io::Result<()> {
                 let result = (|| {
-                    let mut shard = shards
-                        .writer(0)
-                        .ok_or_else(|| io::Error::other("stats shard 0 already has a writer"))?;
+                    let mut shard = shards.writer(index).ok_or_else(|| {
+                        io::Error::other(format!("stats shard {index} already has a writer"))
+                    })?;
                     let mut batch = RecvBatch::new(batch_size, SLOT_BYTES);
-                    if let Some(core) = reader_cpu {
+                    if let Some(core) = cpu {
                         if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-                            log!("could not pin the event reader to CPU {core}");
+                            log!("could not pin event reader {index} to CPU {core}");
                         }
                     }
-                    let mut stdout = io::stdout().lock();
+                    // --print-events only. Not `lock()`ed for the thread's
+                    // life: with several readers each line takes the lock.
+                    let mut stdout = io::stdout();
                     let print: Option<&mut dyn io::Write> =
                         if print { Some(&mut stdout) } else { None };
                     reader::run(
-                        &socket, &mut poll, &stopping, &mut batch, &mut shard, &mut flows, &ready,
-                        print,
+                        index, &socket, &mut poll, &stopping, &mut batch, &mut shard, &mut flows,
+                        &ready, print,
                     )
                 })();
-                stop.stop();
+                wake_all();
                 result
-            })?
-    };
+            })?;
+        threads.push(thread);
+    }
 
     log!("serving /metrics on {}", endpoint.local_addr());
     let options = ScrapeOptions {
@@ -197,16 +294,49 @@ fn run(config: Config) -> io::Result<()> {
             exposition.render(format, out);
             scrape_duration.record(start.elapsed().as_secs_f64());
         },
-        &|| ready.load(Ordering::Acquire),
+        &|| ready_flags.iter().all(|r| r.load(Ordering::Acquire)),
     );
     served.map_err(|e| io::Error::new(e.kind(), format!("HTTP endpoint stopped: {e}")))?;
-    // The endpoint only stops when the reader has stopped.
-    match reader.join() {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(io::Error::new(
-            e.kind(),
-            format!("event reader stopped: {e}"),
-        )),
-        Err(_) => Err(io::Error::other("event reader panicked")),
+    // The endpoint only stops when a reader has stopped, or all are stopping.
+    wake_all();
+    let mut outcome = Ok(());
+    for (index, thread) in threads.into_iter().enumerate() {
+        let result = match thread.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(io::Error::new(
+                e.kind(),
+                format!("event reader {index} stopped: {e}"),
+            )),
+            Err(_) => Err(io::Error::other(format!("event reader {index} panicked"))),
+        };
+        if outcome.is_ok() {
+            outcome = result;
+        }
     }
+    if let Some(mask) = event_mask {
+        match mask.remove() {
+            Ok(()) => log!("--event-mask: table {} removed", event_mask::TABLE),
+            Err(e) => log!("warning: {e}"),
+        }
+    }
+    outcome
+}
+
+/// The CPU each reader is pinned to: the ones given, else none for a single
+/// reader, else the first `readers` CPUs this process may run on (in turn,
+/// if there are fewer).
+fn reader_cpus(given: &[usize], readers: usize) -> Vec<Option<usize>> {
+    if !given.is_empty() {
+        return given.iter().copied().map(Some).collect();
+    }
+    if readers == 1 {
+        return vec![None];
+    }
+    let mut allowed: Vec<usize> = core_affinity::get_core_ids()
+        .map(|ids| ids.into_iter().map(|c| c.id).collect())
+        .unwrap_or_default();
+    allowed.sort_unstable();
+    (0..readers)
+        .map(|i| (!allowed.is_empty()).then(|| allowed[i % allowed.len()]))
+        .collect()
 }

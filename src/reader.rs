@@ -21,10 +21,13 @@ use crate::stats::{Counter, Series, ShardWriter};
 use crate::sys::{ConntrackSocket, RecvBatch, RecvError};
 use crate::wire::{CtEvent, Datagram, EventKind, Message};
 
-/// Gauge of the flows in the flow table (the `metrics` facade).
+/// Gauge of the flows in each reader's flow table (the `metrics` facade,
+/// label `reader`).
 pub const FLOW_TABLE_FLOWS: &str = "conntrack_monitoring_flow_table_flows";
-/// Gauge of the flow table's capacity (`--max-flows`).
+/// Gauge of each reader's flow-table capacity (`--max-flows` / `--readers`).
 pub const FLOW_TABLE_CAPACITY: &str = "conntrack_monitoring_flow_table_capacity";
+/// Counter of the datagrams each reader received (label `reader`).
+pub const READER_DATAGRAMS: &str = "conntrack_monitoring_reader_datagrams_total";
 
 /// Bytes per receive slot: one page; the kernel never sends a conntrack
 /// event larger than that, and a longer datagram is counted as truncated.
@@ -42,9 +45,11 @@ const OVERRUN_LOG_EVERY: Duration = Duration::from_secs(10);
 /// woken) or an unrecoverable socket error. The socket is drained with
 /// non-blocking batched receives until empty, then `poll` waits for it to be
 /// readable. `ready` is set once the loop runs; `print` writes every event
-/// to `print` when given.
+/// to `print` when given. `index` is the reader's number (its `reader`
+/// label).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
+    index: usize,
     socket: &ConntrackSocket,
     poll: &mut Poll,
     stop: &AtomicBool,
@@ -56,7 +61,8 @@ pub fn run(
 ) -> io::Result<()> {
     let mut event = CtEvent::empty(EventKind::New, 0);
     let mut events = Events::with_capacity(4);
-    let flows_gauge = metrics::gauge!(FLOW_TABLE_FLOWS);
+    let flows_gauge = metrics::gauge!(FLOW_TABLE_FLOWS, "reader" => index.to_string());
+    let datagrams = metrics::counter!(READER_DATAGRAMS, "reader" => index.to_string());
     let fd = socket.as_raw_fd();
     poll.registry()
         .register(&mut SourceFd(&fd), SOCKET, Interest::READABLE)?;
@@ -105,6 +111,8 @@ pub fn run(
             }
         };
         let received_ns = begin_batch(shard, received);
+        // Atomic adds through handles made once, per batch.
+        datagrams.increment(received as u64);
         for datagram in batch.datagrams() {
             handle_datagram(
                 datagram.bytes,

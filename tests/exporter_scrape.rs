@@ -6,12 +6,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::exporter::{get, promtool_check, start, value};
 use common::netns::{kernel_tests_possible, VirtualNode};
+use common::traffic::{start_backend, UDP_BACKEND};
 
 const RULESET: &str = r#"
 table inet ctm_test {
@@ -23,14 +24,6 @@ table inet ctm_test {
     chain raw_pre { type filter hook prerouting priority raw; iif lo notrack; }
     chain raw_out { type filter hook output priority raw; oif lo notrack; }
 }
-"#;
-
-const BACKEND: &str = r#"
-import socket
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 5353))
-print("ready", flush=True)
-while True:
-    data, peer = u.recvfrom(2048); u.sendto(data, peer)
 "#;
 
 /// 40 flows, each from its own source port: ephemeral ports can repeat, and
@@ -59,17 +52,7 @@ fn scraped_counters_match_the_events_read_and_pass_promtool() {
     let mut vn = VirtualNode::new();
     vn.nft(RULESET);
     let backend = vn.backend.clone();
-    let server = vn.spawn(
-        &backend,
-        &["python3", "-c", BACKEND],
-        Stdio::piped(),
-        Stdio::inherit(),
-    );
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
+    start_backend(&mut vn, &backend, UDP_BACKEND);
 
     let node = vn.node.clone();
     let mut stdout = start(&mut vn, PORT, &["--print-events"]);

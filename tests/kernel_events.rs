@@ -8,11 +8,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::netns::{kernel_tests_possible, VirtualNode};
+use common::traffic::{start_backend, DUAL_STACK_BACKEND};
 
 const RULESET: &str = r#"
 table inet ctm_test {
@@ -26,29 +26,6 @@ table inet ctm_test {
         ip6 daddr fd00:96::10 icmpv6 type echo-request dnat ip6 to fd00:2::2
     }
 }
-"#;
-
-/// UDP echo on 5353 and a one-shot HTTP-like TCP server on 8080, both
-/// dual-stack; prints "ready" once listening.
-const BACKEND: &str = r#"
-import socket, threading, sys
-u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-u.bind(("::", 5353))
-t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-t.bind(("::", 8080)); t.listen(16)
-def udp():
-    while True:
-        data, peer = u.recvfrom(2048); u.sendto(data, peer)
-def tcp():
-    while True:
-        c, _ = t.accept(); c.recv(2048); c.sendall(b"HTTP/1.0 200 OK\r\n\r\nhello"); c.close()
-threading.Thread(target=udp, daemon=True).start()
-threading.Thread(target=tcp, daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
 "#;
 
 /// One flow of each kind through the ClusterIPs, each waiting for its answer,
@@ -140,20 +117,11 @@ fn live_kernel_events_decode_for_tcp_udp_icmp_over_ipv4_and_ipv6() {
     vn.nft(RULESET);
 
     let backend = vn.backend.clone();
-    let server = vn.spawn(
-        &backend,
-        &["python3", "-c", BACKEND],
-        Stdio::piped(),
-        Stdio::inherit(),
-    );
-    let mut ready = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready.trim(), "ready");
+    start_backend(&mut vn, &backend, DUAL_STACK_BACKEND);
 
     let node = vn.node.clone();
-    let stdout = common::exporter::start(&mut vn, 9100, &["--print-events"]);
+    // Every event, not only the Service flows' the kernel filter lets through.
+    let stdout = common::exporter::start(&mut vn, 9100, &["--print-events", "--no-socket-filter"]);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {

@@ -107,6 +107,44 @@ fn stop_signals_end_it_cleanly_within_a_second() {
     }
 }
 
+/// Each thread of `pid`: its name and its allowed CPUs (cpulist form).
+fn threads(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let (Ok(name), Ok(status)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("status")),
+        ) else {
+            continue;
+        };
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        out.push((name.trim().to_string(), cpus));
+    }
+    out
+}
+
+/// Waits (5 s at most) until every `(thread, cpus)` of `want` is there:
+/// readers name and pin themselves once they run.
+fn wait_pinned(pid: u32, want: &[(&str, &str)]) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = threads(pid);
+        let all = want
+            .iter()
+            .all(|(n, c)| now.iter().any(|(tn, tc)| tn == n && tc == c));
+        if all || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn reader_cpu_pins_the_reader_thread_only() {
     if !kernel_tests_possible() {
@@ -114,37 +152,11 @@ fn reader_cpu_pins_the_reader_thread_only() {
     }
     let mut vn = VirtualNode::new();
     let (pid, _) = start(&mut vn, 9100, &["--reader-cpu", "0"]);
-    // The reader names and pins itself once it runs: look until it has.
-    let threads = || {
-        let mut pinned = Vec::new();
-        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            let task = task.unwrap().path();
-            let (Ok(name), Ok(status)) = (
-                std::fs::read_to_string(task.join("comm")),
-                std::fs::read_to_string(task.join("status")),
-            ) else {
-                continue;
-            };
-            let cpus = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .unwrap_or("")
-                .trim()
-                .to_string();
-            pinned.push((name.trim().to_string(), cpus));
-        }
-        pinned
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut pinned = threads();
-    while !pinned.iter().any(|(n, c)| n == "ct-reader" && c == "0") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-        pinned = threads();
-    }
+    let pinned = wait_pinned(pid, &[("ct-reader-0", "0")]);
     let reader = pinned
         .iter()
-        .find(|(n, _)| n == "ct-reader")
-        .expect("a ct-reader thread");
+        .find(|(n, _)| n == "ct-reader-0")
+        .expect("a ct-reader-0 thread");
     assert_eq!(reader.1, "0", "{pinned:?}");
     if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
         let main = pinned
@@ -153,4 +165,38 @@ fn reader_cpu_pins_the_reader_thread_only() {
             .expect("main thread");
         assert_ne!(main.1, "0", "only the reader is pinned: {pinned:?}");
     }
+}
+
+#[test]
+fn several_readers_each_get_their_own_thread_on_their_own_cpu() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut allowed: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    allowed.sort_unstable();
+    let mut vn = VirtualNode::new();
+    // Unpinned by flag: reader i goes to the i-th allowed CPU (in turn).
+    let (pid, _) = start(&mut vn, 9100, &["--readers", "2"]);
+    let cpu = |i: usize| allowed[i % allowed.len()].to_string();
+    let (c0, c1) = (cpu(0), cpu(1));
+    let pinned = wait_pinned(pid, &[("ct-reader-0", &c0), ("ct-reader-1", &c1)]);
+    for (name, want) in [("ct-reader-0", &c0), ("ct-reader-1", &c1)] {
+        assert!(
+            pinned.iter().any(|(n, c)| n == name && c == want),
+            "{name} on CPU {want}: {pinned:?}"
+        );
+    }
+    // Pinned by flag, in the order given.
+    let list = format!("{},{}", cpu(1), cpu(0));
+    let (pid, _) = start(&mut vn, 9101, &["--readers", "2", "--reader-cpu", &list]);
+    let pinned = wait_pinned(pid, &[("ct-reader-0", &c1), ("ct-reader-1", &c0)]);
+    assert!(
+        pinned.iter().any(|(n, c)| n == "ct-reader-0" && *c == c1)
+            && pinned.iter().any(|(n, c)| n == "ct-reader-1" && *c == c0),
+        "{pinned:?}"
+    );
 }

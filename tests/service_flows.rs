@@ -6,12 +6,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::exporter::{get, promtool_check, start, value};
+use common::exporter::{get, promtool_check, scrape_until, start, value};
 use common::netns::{kernel_tests_possible, VirtualNode};
+use common::traffic::{
+    self, start_backend, udp_client, udp_client_from, HTTP_BACKEND, UDP_BACKEND,
+};
 
 const RULESET: &str = r#"
 table inet ctm_test {
@@ -29,103 +30,9 @@ table inet ctm_test {
 }
 "#;
 
-/// An HTTP/1.0 server (ab opens one connection per request).
-const HTTP_BACKEND: &str = r#"
-import http.server, socketserver
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = b"hello from the backend\n"
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True; request_queue_size = 1024
-s = S(("0.0.0.0", 8080), H)
-print("ready", flush=True)
-s.serve_forever()
-"#;
-
-const UDP_BACKEND: &str = r#"
-import socket
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-u.bind(("0.0.0.0", 5353))
-print("ready", flush=True)
-while True:
-    data, peer = u.recvfrom(2048); u.sendto(data, peer)
-"#;
-
-/// `n` request/response UDP flows to `host:port`, each from its own source
-/// port (`first_port`, `first_port + 1`, ...: the kernel's ephemeral ports
-/// repeat, and a repeated tuple would be the same flow), `window`
-/// outstanding at a time.
-fn udp_client(n: usize, host: &str, port: u16, first_port: u16) -> String {
-    udp_client_from(&["0.0.0.0"], n, host, port, first_port)
-}
-
-/// [`udp_client`] with source addresses taken in turn from `sources`, so
-/// more flows than one address has ports.
-fn udp_client_from(sources: &[&str], n: usize, host: &str, port: u16, first_port: u16) -> String {
-    let sources = sources
-        .iter()
-        .map(|s| format!("\"{s}\""))
-        .collect::<Vec<_>>()
-        .join(",");
-    format!(
-        r#"
-import socket, selectors
-n, host, port, first, window = {n}, "{host}", {port}, {first_port}, 200
-sources = [{sources}]
-sel = selectors.DefaultSelector(); sent = done = 0
-while done < n:
-    while sent < n and sent - done < window:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setblocking(False)
-        s.bind((sources[sent % len(sources)], first + sent // len(sources)))
-        s.sendto(b"q", (host, port)); sel.register(s, selectors.EVENT_READ); sent += 1
-    events = sel.select(timeout=5)
-    if not events: raise SystemExit("no reply: %d of %d" % (done, n))
-    for key, _ in events:
-        key.fileobj.recv(16); sel.unregister(key.fileobj); key.fileobj.close(); done += 1
-print("done", flush=True)
-"#
-    )
-}
-
-fn wait_ready(child: &mut std::process::Child) {
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
-}
-
-/// Packets counted by an nft named counter in the node: the flows that
-/// passed that DNAT rule (a nat chain sees only a flow's first packet).
+/// Packets counted by a named counter of the test table in the node.
 fn nft_counter(vn: &VirtualNode, name: &str) -> f64 {
-    let out = vn.exec(
-        &vn.node,
-        &["nft", "list", "counter", "inet", "ctm_test", name],
-    );
-    let packets = out
-        .split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no packets in {out}"));
-    packets.parse().unwrap()
-}
-
-/// Scrapes until `series` reaches `want` (events arrive a little after the
-/// traffic), returning the last scrape.
-fn scrape_until(vn: &VirtualNode, port: u16, series: &str, want: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, text) = get(vn, port, "/metrics", None);
-        let v = value(&text, series);
-        if v >= want || Instant::now() > deadline {
-            return text;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    traffic::nft_counter(vn, "inet ctm_test", name)
 }
 
 const P: &str = "conntrack_monitoring_";
@@ -139,18 +46,8 @@ fn every_service_flow_is_measured_exactly_once_and_other_flows_not_at_all() {
     vn.short_timeouts();
     vn.nft(RULESET);
     let (b1, b2) = (vn.backend.clone(), vn.backend2.clone());
-    wait_ready(vn.spawn(
-        &b1,
-        &["python3", "-c", HTTP_BACKEND],
-        Stdio::piped(),
-        Stdio::inherit(),
-    ));
-    wait_ready(vn.spawn(
-        &b2,
-        &["python3", "-c", UDP_BACKEND],
-        Stdio::piped(),
-        Stdio::inherit(),
-    ));
+    start_backend(&mut vn, &b1, HTTP_BACKEND);
+    start_backend(&mut vn, &b2, UDP_BACKEND);
     const PORT: u16 = 9100;
     let _out = start(&mut vn, PORT, &["--exclude-subnet", "10.96.0.0/24"]);
 
@@ -254,7 +151,10 @@ fn every_service_flow_is_measured_exactly_once_and_other_flows_not_at_all() {
     assert_eq!(value(&text, &n("netlink_overruns_total")), 0.0);
     assert_eq!(value(&text, &n("flows_evicted_total")), 0.0);
     assert_eq!(
-        value(&text, &n("flow_table_flows")),
+        value(
+            &text,
+            &format!("{P}flow_table_flows{{node=\"n1\",reader=\"0\"}}")
+        ),
         0.0,
         "every flow ended"
     );
@@ -277,12 +177,7 @@ fn a_destroy_burst_is_read_without_loss_and_a_tiny_buffer_counts_its_losses() {
     let mut vn = VirtualNode::new();
     vn.nft(RULESET);
     let b2 = vn.backend2.clone();
-    wait_ready(vn.spawn(
-        &b2,
-        &["python3", "-c", UDP_BACKEND],
-        Stdio::piped(),
-        Stdio::inherit(),
-    ));
+    start_backend(&mut vn, &b2, UDP_BACKEND);
     // Two exporters side by side: defaults, and a 4 KiB buffer (8 KiB granted).
     let _a = start(&mut vn, 9100, &[]);
     let _b = start(&mut vn, 9101, &["--rcvbuf-bytes", "4096"]);

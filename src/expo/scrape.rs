@@ -246,6 +246,13 @@ impl Exposition {
             &[(Counter::FlowsEvicted, None)],
             out,
         );
+        self.counter_family(
+            format,
+            "kernel_filter_misses",
+            "Events the kernel-side socket filter should have dropped (not to a Service subnet, or another reader's share) but that reached the exporter; dropped here instead. Expected 0",
+            &[(Counter::KernelFilterMisses, None)],
+            out,
+        );
         if self.options.legacy_names && format == Format::Prometheus {
             let node = self.options.node.clone();
             for (name, help, samples) in [

@@ -6,9 +6,11 @@
 //! Never: allocates, locks, logs or makes a syscall per event; never grows
 //! with traffic.
 
+pub mod event_mask;
 pub mod subnet;
 pub mod table;
 pub mod tracker;
 
+pub use crate::wire::bpf::ReaderShare;
 pub use subnet::Subnet;
-pub use tracker::{FlowTracker, ServiceFilter};
+pub use tracker::{FlowTracker, KernelFiltered, ServiceFilter};

@@ -16,6 +16,17 @@ pub struct Subnet {
 }
 
 impl Subnet {
+    /// `0.0.0.0/0`: every IPv4 address.
+    pub const ALL_V4: Subnet = Subnet {
+        addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        prefix: 0,
+    };
+    /// `::/0`: every IPv6 address.
+    pub const ALL_V6: Subnet = Subnet {
+        addr: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        prefix: 0,
+    };
+
     /// The prefix `addr/prefix`; `None` if the length is too long for the
     /// family. Host bits are cleared.
     pub fn new(addr: IpAddr, prefix: u8) -> Option<Subnet> {

@@ -28,6 +28,7 @@
 //! packets) carry their own data and are always taken.
 
 use crate::stats::{Counter, Series, ShardWriter};
+use crate::wire::bpf::ReaderShare;
 use crate::wire::{CtEvent, EventKind, Status, TcpState};
 
 use std::net::IpAddr;
@@ -77,21 +78,52 @@ impl ServiceFilter {
     }
 }
 
+/// What the kernel-side socket filter already dropped before events reach
+/// the tracker; an event it should have dropped is counted as a miss.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelFiltered {
+    /// Events of flows not to a Service.
+    pub non_service: bool,
+    /// Events of other readers' flows.
+    pub other_shares: bool,
+}
+
 /// Service flows between their NEW and their DESTROY.
 pub struct FlowTracker {
     filter: ServiceFilter,
     table: FlowTable,
     /// Overruns seen so far (wrapping): a flow remembers the count at its NEW.
     overruns: u32,
+    share: ReaderShare,
+    kernel_filtered: KernelFiltered,
 }
 
 impl FlowTracker {
-    /// A tracker for at most `max_flows` flows at once, allocated now.
+    /// A tracker for at most `max_flows` flows at once, allocated now, taking
+    /// every flow, behind no kernel filter.
     pub fn new(filter: ServiceFilter, max_flows: usize) -> FlowTracker {
+        FlowTracker::for_reader(
+            filter,
+            max_flows,
+            ReaderShare::ALL,
+            KernelFiltered::default(),
+        )
+    }
+
+    /// A tracker of one reader's `share` of the flows, behind a kernel
+    /// filter that drops what `kernel_filtered` says.
+    pub fn for_reader(
+        filter: ServiceFilter,
+        max_flows: usize,
+        share: ReaderShare,
+        kernel_filtered: KernelFiltered,
+    ) -> FlowTracker {
         FlowTracker {
             filter,
             table: FlowTable::new(max_flows),
             overruns: 0,
+            share,
+            kernel_filtered,
         }
     }
 
@@ -120,7 +152,18 @@ impl FlowTracker {
     /// flows only).
     #[inline]
     pub fn event(&mut self, ev: &CtEvent, received_ns: u64, shard: &mut ShardWriter<'_>) {
-        if !self.filter.to_service(ev) || !ServiceFilter::dnat(ev) {
+        // Userspace applies the kernel filter's tests again: the safety net.
+        let service = self.filter.to_service(ev);
+        let ours = self.share.owns(ev.id);
+        if !service || !ours {
+            if (!service && self.kernel_filtered.non_service)
+                || (!ours && self.kernel_filtered.other_shares)
+            {
+                shard.count(Counter::KernelFilterMisses, 1);
+            }
+            return;
+        }
+        if !ServiceFilter::dnat(ev) {
             return;
         }
         let Some(id) = ev.id else {
@@ -833,5 +876,87 @@ mod tests {
             assert_eq!(s.counter(Counter::EventsOrderErrors), 0, "{file}");
             assert_eq!(t.flows(), 0, "{file}: every flow ended");
         }
+    }
+
+    #[test]
+    fn readers_split_flows_by_id_and_count_what_the_kernel_should_have_dropped() {
+        use TcpState as S;
+        let flows: Vec<Vec<CtEvent>> = (20..30)
+            .map(|id| {
+                tcp_flow(
+                    id,
+                    &[S::SYN_RECV, S::ESTABLISHED, S::FIN_WAIT, S::TIME_WAIT],
+                )
+            })
+            .collect();
+        let all: Vec<CtEvent> = flows.concat();
+        let shares = [0, 1].map(|index| ReaderShare::new(index, 2).unwrap());
+        let filtered = KernelFiltered {
+            non_service: true,
+            other_shares: true,
+        };
+        // Each reader given only its share (as its kernel filter would):
+        // together they measure what one reader measures, with no misses.
+        let one = Run::new();
+        one.feed(&mut FlowTracker::new(filter(), 64), &all);
+        let (a, b) = (Run::new(), Run::new());
+        for (share, run) in shares.iter().zip([&a, &b]) {
+            let mine: Vec<CtEvent> = all.iter().filter(|e| share.owns(e.id)).copied().collect();
+            assert_eq!(mine.len(), all.len() / 2, "ids 20..30 split evenly");
+            run.feed(
+                &mut FlowTracker::for_reader(filter(), 64, *share, filtered),
+                &mine,
+            );
+        }
+        let (s1, sa, sb) = (one.snap(), a.snap(), b.snap());
+        for series in [
+            Series::SeenReplyLatency,
+            Series::FinLatency,
+            Series::Duration,
+        ] {
+            assert_eq!(s1.count(series), 10);
+            assert_eq!(sa.count(series) + sb.count(series), 10, "{series:?}");
+            assert_eq!(
+                sa.sum(series) + sb.sum(series),
+                s1.sum(series),
+                "{series:?}"
+            );
+        }
+        assert_eq!(sa.counter(Counter::KernelFilterMisses), 0);
+
+        // A reader given everything measures only its share and counts the
+        // other share's events as misses (its kernel filter let them pass).
+        let c = Run::new();
+        c.feed(
+            &mut FlowTracker::for_reader(filter(), 64, shares[0], filtered),
+            &all,
+        );
+        let sc = c.snap();
+        assert_eq!(sc.count(Series::Duration), 5);
+        assert_eq!(
+            sc.counter(Counter::KernelFilterMisses),
+            (all.len() / 2) as u64
+        );
+
+        // A non-Service event is a miss only behind a Service filter.
+        let mut outside = tcp_flow(40, &[S::SYN_RECV]);
+        for e in &mut outside {
+            if let Some(t) = e.orig.as_mut() {
+                t.dst = Some("10.96.0.5".parse().unwrap()); // excluded /24
+            }
+        }
+        let d = Run::new();
+        d.feed(
+            &mut FlowTracker::for_reader(filter(), 64, ReaderShare::ALL, filtered),
+            &outside,
+        );
+        assert_eq!(
+            d.snap().counter(Counter::KernelFilterMisses),
+            outside.len() as u64
+        );
+        let e = Run::new();
+        e.feed(&mut FlowTracker::new(filter(), 64), &outside);
+        assert_eq!(e.snap().counter(Counter::KernelFilterMisses), 0);
+        assert_eq!(e.snap().count(Series::Duration), 0);
     }
 }

@@ -337,11 +337,14 @@ pub enum Counter {
     NetlinkOverruns,
     /// Flows evicted from a full flow table before their DESTROY.
     FlowsEvicted,
+    /// Events the kernel-side socket filter should have dropped (not to a
+    /// Service, or another reader's share) that reached userspace anyway.
+    KernelFilterMisses,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::EventsNew,
         Counter::EventsUpdate,
         Counter::EventsDestroy,
@@ -350,6 +353,7 @@ impl Counter {
         Counter::TruncatedDatagrams,
         Counter::NetlinkOverruns,
         Counter::FlowsEvicted,
+        Counter::KernelFilterMisses,
     ];
 
     /// Slot of the counter in a shard.

@@ -9,6 +9,7 @@
 
 #![allow(unsafe_code)]
 
+pub mod filter;
 pub mod netlink;
 pub mod process;
 pub mod recv;

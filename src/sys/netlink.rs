@@ -82,6 +82,13 @@ impl ConntrackSocket {
     pub fn granted_rcvbuf(&self) -> usize {
         self.granted_rcvbuf
     }
+
+    /// Attaches a classic BPF socket filter (see `crate::wire::bpf`): the
+    /// kernel runs it on each event before queueing it, so what it drops
+    /// takes no receive-buffer space and causes no overrun.
+    pub fn attach_filter(&self, program: &[libc::sock_filter]) -> io::Result<()> {
+        super::filter::attach_filter(self.socket.as_raw_fd(), program)
+    }
 }
 
 impl AsRawFd for ConntrackSocket {

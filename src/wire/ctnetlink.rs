@@ -785,7 +785,7 @@ mod tests {
     //! are written as literals from `nfnetlink_conntrack.h`, not the constants
     //! above, so a wrong constant cannot hide behind itself.
     use super::*;
-    use crate::wire::encode::{encode, Builder, Form};
+    use crate::wire::encode::{encode, fixture_messages, Builder, Form};
     use crate::wire::{Datagram, Message};
     use proptest::prelude::*;
 
@@ -1197,19 +1197,6 @@ mod tests {
             .map(|()| ev)
         };
         (way(true), way(false))
-    }
-
-    fn fixture_messages() -> Vec<Vec<u8>> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let mut all = Vec::new();
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "bin") {
-                let bytes = std::fs::read(&path).unwrap();
-                all.extend(crate::wire::capture::records(&bytes).map(|r| r.unwrap().to_vec()));
-            }
-        }
-        all
     }
 
     #[test]

@@ -185,3 +185,31 @@ fn counters(b: &mut Builder, kind: u16, c: &Counters, form: Form) {
     b.attr(5, &[0; 4]); // CTA_COUNTERS_PAD-like unknown attribute: skipped
     b.close(at);
 }
+
+/// A bare netlink message of type `kind` (NLMSG_ERROR, NLMSG_DONE, an
+/// overrun notice...) with `payload` after the 16-byte header.
+pub fn control(kind: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
+    v.extend_from_slice(&kind.to_ne_bytes());
+    v.extend_from_slice(&[0; 10]);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Every message of every kernel capture under `tests/fixtures/`.
+pub fn fixture_messages() -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+        .collect();
+    paths.sort();
+    let mut all = Vec::new();
+    for path in paths {
+        let bytes = std::fs::read(&path).unwrap();
+        all.extend(super::capture::records(&bytes).map(|r| r.unwrap().to_vec()));
+    }
+    all
+}

@@ -211,15 +211,7 @@ impl Iterator for Datagram<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn control(kind: u16, payload: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
-        v.extend_from_slice(&kind.to_ne_bytes());
-        v.extend_from_slice(&[0; 10]);
-        v.extend_from_slice(payload);
-        v
-    }
+    use crate::wire::encode::control;
 
     #[test]
     fn control_messages_are_recognised_not_events() {

@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use super::netns::VirtualNode;
 
@@ -80,4 +81,18 @@ pub fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Scrapes until `series` reaches `want` (events arrive a little after the
+/// traffic), returning the last scrape.
+pub fn scrape_until(vn: &VirtualNode, port: u16, series: &str, want: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = get(vn, port, "/metrics", None);
+        let v = value(&text, series);
+        if v >= want || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

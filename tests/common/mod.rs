@@ -17,6 +17,7 @@ pub const CAPTURES: [&str; 6] = [
 
 pub mod exporter;
 pub mod netns;
+pub mod traffic;
 
 pub fn fixture_path(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -1,0 +1,337 @@
+//! End to end against the real kernel: what lightens the node changes what
+//! the exporter receives, never what it measures.
+//!
+//! - The kernel-side socket filter (on by default) keeps every event of a
+//!   flow not to a Service out of the socket; `--readers 2` splits the
+//!   Service flows between two sockets, each event reaching exactly one.
+//!   Three exporters watch the same traffic at once (no filter, the default,
+//!   two readers) and their Service metrics are equal line for line.
+//! - `--event-mask` makes the kernel build no event at all for flows not to
+//!   a Service (IPv4 and IPv6); the table is gone after the exporter exits,
+//!   and a table left by a killed exporter is removed at the next start.
+//!
+//! Needs root, `ab` (apache2-utils); see `tests/run.sh`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::exporter::{get, scrape_until, start, value};
+use common::netns::{kernel_tests_possible, run, VirtualNode};
+use common::traffic::{nft_counter, start_backend, udp_client, DUAL_STACK_BACKEND, HTTP_BACKEND};
+
+const P: &str = "conntrack_monitoring_";
+
+/// Service flows: TCP and UDP to 10.96.1.1, UDP to fd00:96::1, all DNAT'd.
+/// Other flows: the same backends reached directly. One counter each.
+const RULESET: &str = r#"
+table inet ctm_test {
+    counter svc_tcp {}
+    counter svc_udp {}
+    counter svc_udp6 {}
+    counter direct {}
+    chain prerouting {
+        type nat hook prerouting priority dstnat;
+        ip daddr 10.96.1.1 tcp dport 80 counter name svc_tcp dnat ip to 10.200.2.2:8080
+        ip daddr 10.96.1.1 udp dport 81 counter name svc_udp dnat ip to 10.200.3.2:5353
+        ip6 daddr fd00:96::1 udp dport 81 counter name svc_udp6 dnat ip6 to [fd00:3::2]:5353
+        ip daddr { 10.200.2.2, 10.200.3.2 } counter name direct
+        ip6 daddr fd00:3::2 counter name direct
+    }
+    chain raw_pre { type filter hook prerouting priority raw; iif lo notrack; }
+    chain raw_out { type filter hook output priority raw; oif lo notrack; }
+}
+"#;
+
+/// `n` IPv6 request/response flows to `[host]:port`, each from its own
+/// source port starting at `first`.
+fn udp6_client(n: usize, host: &str, port: u16, first: u16) -> String {
+    format!(
+        r#"
+import socket
+for i in range({n}):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(5)
+    s.bind(("::", {first} + i)); s.sendto(b"q", ("{host}", {port})); s.recv(16); s.close()
+print("done", flush=True)
+"#
+    )
+}
+
+const SERVICES: &str = "10.96.0.0/16,fd00:96::/112";
+
+/// Flows that passed the rules, by the nft counters.
+struct Flows {
+    tcp: f64,
+    service: f64,
+    direct: f64,
+}
+
+/// A virtual node with the ruleset and backends, short timeouts.
+fn node() -> VirtualNode {
+    let mut vn = VirtualNode::new();
+    vn.short_timeouts();
+    vn.nft(RULESET);
+    let (b1, b2) = (vn.backend.clone(), vn.backend2.clone());
+    start_backend(&mut vn, &b1, HTTP_BACKEND);
+    start_backend(&mut vn, &b2, DUAL_STACK_BACKEND);
+    // Neighbour discovery first: a flow's first IPv6 packet can otherwise
+    // wait in the node past the 1 s UDP timeout, and its reply then makes a
+    // flow of its own. (Before any exporter starts: no events for these.)
+    vn.exec(&vn.node, &["python3", "-c", NEIGHBOURS]);
+    // Those datagrams' flows end now, before any exporter listens.
+    vn.exec(&vn.node, &["conntrack", "-F"]);
+    vn
+}
+
+/// One datagram from the node to each host (port 9, discard): the node,
+/// and each host, learn their neighbours' link addresses.
+const NEIGHBOURS: &str = r#"
+import socket, time
+for fam, addr in ((socket.AF_INET6, "fd00:1::2"), (socket.AF_INET6, "fd00:2::2"),
+                  (socket.AF_INET6, "fd00:3::2"), (socket.AF_INET, "10.200.1.2"),
+                  (socket.AF_INET, "10.200.2.2"), (socket.AF_INET, "10.200.3.2")):
+    s = socket.socket(fam, socket.SOCK_DGRAM); s.sendto(b"x", (addr, 9)); s.close()
+time.sleep(0.5)
+"#;
+
+/// Service and direct traffic, IPv4 and IPv6, then a flush that ends every
+/// flow at once.
+fn drive(vn: &VirtualNode) -> Flows {
+    let client = vn.client.clone();
+    for url in ["http://10.96.1.1:80/", "http://10.200.2.2:8080/"] {
+        vn.exec(&client, &["ab", "-q", "-n", "400", "-c", "20", url]);
+    }
+    for script in [
+        udp_client(150, "10.96.1.1", 81, 10_000),
+        udp_client(100, "10.200.3.2", 5353, 12_000),
+        udp6_client(60, "fd00:96::1", 81, 14_000),
+        udp6_client(40, "fd00:3::2", 5353, 15_000),
+    ] {
+        assert_eq!(vn.exec(&client, &["python3", "-c", &script]).trim(), "done");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    vn.exec(&vn.node, &["conntrack", "-F"]);
+    let c = |name: &str| nft_counter(vn, "inet ctm_test", name);
+    let flows = Flows {
+        tcp: c("svc_tcp"),
+        service: c("svc_tcp") + c("svc_udp") + c("svc_udp6"),
+        direct: c("direct"),
+    };
+    assert!(flows.tcp >= 400.0 && flows.direct >= 400.0 + 100.0 + 40.0);
+    assert_eq!(c("svc_udp6"), 60.0);
+    flows
+}
+
+fn n(name: &str) -> String {
+    format!("{P}{name}{{node=\"n1\"}}")
+}
+
+fn events(text: &str, ty: &str) -> f64 {
+    value(
+        text,
+        &format!("{P}events_total{{node=\"n1\",type=\"{ty}\"}}"),
+    )
+}
+
+/// Every Service sample line (name with labels, value), in order.
+fn service_lines(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{P}service_")))
+        .map(|l| {
+            let (series, v) = l.rsplit_once(' ').unwrap();
+            (series.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The two scrapes' Service lines are equal; sums may differ in the last
+/// bits (float additions in another order).
+fn assert_same_service_metrics(a: &str, b: &str, what: &str) {
+    let (la, lb) = (service_lines(a), service_lines(b));
+    assert!(la.len() > 50, "{what}: {} Service lines", la.len());
+    assert_eq!(la.len(), lb.len(), "{what}");
+    for ((sa, va), (sb, vb)) in la.iter().zip(&lb) {
+        assert_eq!(sa, sb, "{what}");
+        let close = (va - vb).abs() <= 1e-9 * va.abs().max(vb.abs());
+        assert!(close, "{what}: {sa} {va} vs {vb}");
+    }
+}
+
+/// The Service families' counts all equal the flows that passed the rules.
+fn assert_every_service_flow_measured(text: &str, flows: &Flows, what: &str) {
+    let (all, tcp) = (flows.service, flows.tcp);
+    assert_eq!(
+        value(text, &n("service_duration_seconds_count")),
+        all,
+        "{what}"
+    );
+    assert_eq!(
+        value(text, &n("service_seen_reply_latency_seconds_count")),
+        all,
+        "{what}"
+    );
+    assert_eq!(
+        value(text, &n("service_TCP_FIN_latency_seconds_count")),
+        tcp,
+        "{what}"
+    );
+    for dir in ["to-svc", "from-svc"] {
+        let series = format!("{P}service_bytes_count{{direction=\"{dir}\",node=\"n1\"}}");
+        assert_eq!(value(text, &series), all, "{what} {dir}");
+    }
+    assert_eq!(value(text, &n("netlink_overruns_total")), 0.0, "{what}");
+    assert_eq!(value(text, &n("kernel_filter_misses_total")), 0.0, "{what}");
+}
+
+#[test]
+fn the_socket_filter_and_two_readers_change_what_is_received_not_what_is_measured() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut vn = node();
+    let svc = ["--svc-subnet", SERVICES];
+    let (unfiltered, filtered, two) = (9111, 9112, 9113);
+    let _a = start(
+        &mut vn,
+        unfiltered,
+        &[&svc[..], &["--no-socket-filter"]].concat(),
+    );
+    let _b = start(&mut vn, filtered, &svc);
+    let _c = start(&mut vn, two, &[&svc[..], &["--readers", "2"]].concat());
+    let flows = drive(&vn);
+    let count = n("service_duration_seconds_count");
+    let [a, b, c] = [unfiltered, filtered, two].map(|port| {
+        scrape_until(&vn, port, &count, flows.service);
+        // Late events of the flush may still be coming: settle.
+        std::thread::sleep(Duration::from_millis(300));
+        get(&vn, port, "/metrics", None).1
+    });
+    for (text, what) in [(&a, "unfiltered"), (&b, "filtered"), (&c, "two readers")] {
+        assert_every_service_flow_measured(text, &flows, what);
+    }
+
+    // Unfiltered: every flow's DESTROY arrives. Filtered: only the Service
+    // flows' events do, one DESTROY each.
+    assert!(
+        events(&a, "destroy") >= flows.service + flows.direct,
+        "{}",
+        events(&a, "destroy")
+    );
+    assert_eq!(events(&b, "destroy"), flows.service);
+    assert_eq!(events(&b, "new"), flows.service);
+    // Two readers: each got some, and together exactly what one reader got.
+    let datagrams = |text: &str, reader: u32| {
+        value(
+            text,
+            &format!("{P}reader_datagrams_total{{node=\"n1\",reader=\"{reader}\"}}"),
+        )
+    };
+    let (r0, r1) = (datagrams(&c, 0), datagrams(&c, 1));
+    assert!(r0 > 0.0 && r1 > 0.0, "{r0} + {r1}");
+    assert_eq!(r0 + r1, datagrams(&b, 0));
+    for ty in ["new", "update", "destroy"] {
+        assert_eq!(events(&c, ty), events(&b, ty), "{ty}");
+    }
+
+    // The same events, so the same Service metrics, line for line.
+    assert_same_service_metrics(&a, &b, "unfiltered vs filtered");
+    assert_same_service_metrics(&b, &c, "one reader vs two");
+}
+
+fn tables(vn: &VirtualNode) -> String {
+    vn.exec(&vn.node, &["nft", "list", "tables"])
+}
+
+/// Starts an exporter and returns its pid (the process `ip netns exec` ran).
+fn start_pid(vn: &mut VirtualNode, port: u16, args: &[&str]) -> u32 {
+    let _ = start(vn, port, args);
+    let bind = format!("127.0.0.1:{port}");
+    run(&["pgrep", "-n", "-f", &bind]).trim().parse().unwrap()
+}
+
+#[test]
+fn the_event_mask_stops_events_of_other_flows_and_goes_away_with_the_exporter() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    // Without the mask (and without the socket filter, to see everything
+    // the kernel builds): the other flows' events arrive.
+    let mut plain = node();
+    let args = ["--svc-subnet", SERVICES, "--no-socket-filter"];
+    let _x = start(&mut plain, 9121, &args);
+    let flows_plain = drive(&plain);
+    let text_plain = scrape_until(
+        &plain,
+        9121,
+        &n("service_duration_seconds_count"),
+        flows_plain.service,
+    );
+    assert_every_service_flow_measured(&text_plain, &flows_plain, "no mask");
+    assert!(events(&text_plain, "destroy") >= flows_plain.service + flows_plain.direct);
+    drop(plain);
+
+    // With the mask: the kernel builds events for the Service flows only.
+    let mut vn = node();
+    let pid = start_pid(&mut vn, 9122, &[&args[..], &["--event-mask"]].concat());
+    assert!(
+        tables(&vn).contains("table inet conntrack_metrics"),
+        "{}",
+        tables(&vn)
+    );
+    let flows = drive(&vn);
+    let count = n("service_duration_seconds_count");
+    scrape_until(&vn, 9122, &count, flows.service);
+    std::thread::sleep(Duration::from_millis(300));
+    let text = get(&vn, 9122, "/metrics", None).1;
+    assert_every_service_flow_measured(&text, &flows, "event mask");
+    assert_eq!(events(&text, "new"), flows.service, "no NEW of other flows");
+    assert_eq!(
+        events(&text, "destroy"),
+        flows.service,
+        "no DESTROY of other flows"
+    );
+    // Same Service families, each count equal to its own run's flows.
+    let names = |t: &str| -> Vec<String> { service_lines(t).into_iter().map(|(s, _)| s).collect() };
+    assert_eq!(names(&text), names(&text_plain));
+    // Fewer UPDATEs too: only REPLY and PROTOINFO changes are built.
+    assert!(events(&text, "update") < events(&text_plain, "update"));
+
+    // SIGTERM: the exporter removes its table.
+    run(&["kill", "-TERM", &pid.to_string()]);
+    let status = vn.wait_child(pid, Duration::from_secs(3)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !tables(&vn).contains("conntrack_metrics"),
+        "{}",
+        tables(&vn)
+    );
+
+    // Killed: the table stays (the kernel keeps masking); the next start
+    // without --event-mask removes it, with it replaces it.
+    let pid = start_pid(&mut vn, 9123, &["--event-mask"]);
+    run(&["kill", "-KILL", &pid.to_string()]);
+    vn.wait_child(pid, Duration::from_secs(3)).expect("killed");
+    assert!(tables(&vn).contains("conntrack_metrics"));
+    let pid = start_pid(&mut vn, 9124, &["--event-mask"]);
+    let listing = vn.exec(
+        &vn.node,
+        &["nft", "list", "table", "inet", "conntrack_metrics"],
+    );
+    assert_eq!(
+        listing.matches("chain prerouting").count(),
+        1,
+        "replaced: {listing}"
+    );
+    run(&["kill", "-KILL", &pid.to_string()]);
+    vn.wait_child(pid, Duration::from_secs(3)).expect("killed");
+    let pid = start_pid(&mut vn, 9125, &[]);
+    assert!(
+        !tables(&vn).contains("conntrack_metrics"),
+        "{}",
+        tables(&vn)
+    );
+    run(&["kill", "-TERM", &pid.to_string()]);
+    assert!(vn
+        .wait_child(pid, Duration::from_secs(3))
+        .is_some_and(|s| s.success()));
+}
