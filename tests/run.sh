@@ -3,7 +3,10 @@
 # tests, the fixture golden tests, the end-to-end tests against the real
 # kernel (in network namespaces it creates and removes), the benches in test
 # mode, a compile check of the fuzz targets, and the deployment manifests and
-# dashboard (deploy/validate.sh).
+# dashboard (deploy/validate.sh), and a small run of each load-test harness
+# (loadtest/: the ab workload, the iperf3 throughput workload, the overhead
+# benchmark with UDP and TCP flows), each failing when the exporter missed a
+# flow or lost an event.
 #
 # Needs root (namespaces, nftables, conntrack). Installs the Debian packages
 # (and the one PyPI package) the tests use when they are missing.
@@ -17,7 +20,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 missing=()
-for tool_pkg in ip:iproute2 nft:nftables conntrack:conntrack python3:python3 curl:curl promtool:prometheus ab:apache2-utils; do
+for tool_pkg in ip:iproute2 nft:nftables conntrack:conntrack python3:python3 curl:curl promtool:prometheus \
+                ab:apache2-utils iperf3:iperf3 bc:bc; do
     command -v "${tool_pkg%%:*}" >/dev/null 2>&1 || missing+=("${tool_pkg#*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -25,10 +29,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-# The reference OpenMetrics parser and PyYAML (deploy/validate.sh), for the
-# python3 on PATH (which may not be Debian's). deploy/validate.sh installs
-# kubernetes-validate (PyPI) itself.
-for module_pkg in prometheus_client.openmetrics.parser:prometheus-client yaml:pyyaml; do
+# The reference OpenMetrics parser, PyYAML (deploy/validate.sh) and matplotlib
+# (the load-test plots), for the python3 on PATH (which may not be Debian's).
+# deploy/validate.sh installs kubernetes-validate (PyPI) itself.
+for module_pkg in prometheus_client.openmetrics.parser:prometheus-client yaml:pyyaml matplotlib:matplotlib; do
     if ! python3 -c "import ${module_pkg%%:*}" 2>/dev/null; then
         echo "tests/run.sh: installing ${module_pkg#*:} (PyPI)"
         python3 -m pip install -q --disable-pip-version-check "${module_pkg#*:}"
@@ -47,9 +51,20 @@ step env EXPORTER=target/debug/conntrack-metrics deploy/validate.sh
 
 # Unit, property, fixture and kernel tests; the benches run once in test mode.
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+smoke=$(mktemp -d)
+trap 'rm -rf "$log" "$smoke"' EXIT
 printf '\n==> cargo test --all-targets\n'
 cargo test --all-targets 2>&1 | tee "$log"
+
+# The load-test harnesses, small (about a minute in all), with the debug build
+# (their figures are not the point here). Each exits non-zero when the
+# exporter's flow count differs from the nft counters or it overran.
+export EXPORTER=target/debug/conntrack-metrics FLOOR=target/debug/ct-count
+step env SERVICES=2 CLIENTS=2 CONN_PER_CLIENT=300 CLIENT_CONCURRENCY=20 OUT="$smoke/ab" loadtest/ab-workload
+step env SERVICES=2 CLIENTS=2 DURATION=2 OUT="$smoke/throughput" loadtest/throughput
+step env PROTO=udp FLOWS=40000 LISTENERS="none exporter exporter-tuned floor" OUT="$smoke/overhead-udp" loadtest/overhead
+step env PROTO=tcp FLOWS=6000 LISTENERS="none exporter floor" OUT="$smoke/overhead-tcp" loadtest/overhead
+
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
