@@ -256,6 +256,16 @@ YML
         sleep 0.5
     done
     [ $ok = 1 ] || { tail -20 "$tmp/prometheus.log"; fail "Prometheus never scraped the exporter"; }
+    # Keep Service traffic coming while the rates are taken: the kernel socket filter
+    # keeps every other event (Prometheus's own scrapes among them) out of the reader,
+    # so without it the receive-batch rates would be 0 (NaN quantiles).
+    if [ $traffic = 1 ]; then
+        (while :; do
+            ip netns exec "$ns" curl -fsS -o /dev/null http://10.96.1.10/ 2>/dev/null || true
+            sleep 0.3
+        done) &
+        pids+=($!)
+    fi
     sleep 3
     : >"$tmp/results.txt"
     while IFS= read -r e; do
