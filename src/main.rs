@@ -136,7 +136,7 @@ fn run(config: Config) -> io::Result<()> {
     let cpus = reader_cpus(&config.reader_cpu, readers);
     let window = SummaryWindow::from_minutes(config.summary_timeout.into());
     let shards = Arc::new(ShardSet::new(config.stats_shards.max(readers), window));
-    let kernel_filtered = KernelFiltered {
+    let mut kernel_filtered = KernelFiltered {
         non_service: !config.no_socket_filter,
         other_shares: readers > 1,
     };
@@ -161,16 +161,30 @@ fn run(config: Config) -> io::Result<()> {
             } else {
                 (&everything, &[])
             };
-            let program = bpf::service_event_filter(services, excluded, Some(share))
-                .map_err(|e| io::Error::other(format!("kernel socket filter: {e}")))?;
-            socket.attach_filter(&program).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot attach the kernel socket filter: {e} (--no-socket-filter skips it)"
-                    ),
-                )
-            })?;
+            let attached = bpf::service_event_filter(services, excluded, Some(share))
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|program| socket.attach_filter(&program));
+            match attached {
+                Ok(()) => {}
+                // One reader is right without the filter, only costlier: the
+                // same tests run in userspace.
+                Err(e) if readers == 1 => {
+                    log!(
+                        "warning: kernel socket filter not attached ({e}); every event \
+                         reaches the reader and is filtered there"
+                    );
+                    kernel_filtered.non_service = false;
+                }
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot attach the kernel socket filter that splits the flows \
+                             between --readers: {e}"
+                        ),
+                    ))
+                }
+            }
         }
         if index == 0 {
             log!(

@@ -200,3 +200,50 @@ fn several_readers_each_get_their_own_thread_on_their_own_cpu() {
         "{pinned:?}"
     );
 }
+
+/// A Service subnet list too long for a classic BPF program: one reader
+/// runs without the kernel filter (userspace applies the same test) and says
+/// so; several readers cannot split the flows without it and refuse.
+#[test]
+fn a_subnet_list_too_long_for_the_kernel_filter() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let list: Vec<String> = (0..5000u32)
+        .map(|i| format!("10.{}.{}.0/24", 96 + i / 256, i % 256))
+        .collect();
+    let list = list.join(",");
+    let mut vn = VirtualNode::new();
+    let (pid, lines) = start(&mut vn, 9100, &["--svc-subnet", &list]);
+    let warning = lines
+        .iter()
+        .find(|l| l.contains("kernel socket filter not attached"))
+        .unwrap_or_else(|| panic!("no warning: {lines:?}"));
+    assert!(warning.contains("5000 IPv4"), "{warning}");
+    assert!(
+        lines.iter().any(|l| l.contains("kernel filter: none")),
+        "{lines:?}"
+    );
+    common::netns::run(&["kill", "-TERM", &pid.to_string()]);
+    assert!(vn
+        .wait_child(pid, Duration::from_secs(2))
+        .is_some_and(|s| s.success()));
+
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &vn.node])
+        .args([env!("CARGO_BIN_EXE_conntrack-metrics"), "--readers", "2"])
+        .args([
+            "--metrics-bind-address",
+            "127.0.0.1:9101",
+            "--svc-subnet",
+            &list,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("splits the flows between --readers"),
+        "{stderr}"
+    );
+}
