@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use mio::{Poll, Waker};
@@ -20,7 +20,7 @@ use conntrack_metrics::expo::scrape::{Exposition, ScrapeOptions};
 use conntrack_metrics::flow::event_mask::{self, EventMask};
 use conntrack_metrics::flow::{FlowTracker, KernelFiltered, ReaderShare, ServiceFilter, Subnet};
 use conntrack_metrics::reader::{
-    self, FLOW_TABLE_CAPACITY, FLOW_TABLE_FLOWS, READER_DATAGRAMS, SLOT_BYTES,
+    self, ReaderOptions, FLOW_TABLE_CAPACITY, FLOW_TABLE_FLOWS, READER_DATAGRAMS, SLOT_BYTES,
 };
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::ShardSet;
@@ -256,6 +256,7 @@ fn run(config: Config) -> io::Result<()> {
         let ready = Arc::new(AtomicBool::new(false));
         ready_flags.push(Arc::clone(&ready));
         let (batch_size, print, cpu) = (config.recv_batch, config.print_events, cpus[index]);
+        let drain_delay = Duration::from_micros(config.drain_delay_us);
         // Allocated here, before the reader starts: the per-event path never allocates.
         let mut flows = FlowTracker::for_reader(
             filter.clone(),
@@ -284,8 +285,9 @@ fn run(config: Config) -> io::Result<()> {
                     let mut stdout = io::stdout();
                     let print: Option<&mut dyn io::Write> =
                         if print { Some(&mut stdout) } else { None };
+                    let options = ReaderOptions { index, drain_delay };
                     reader::run(
-                        index, &socket, &mut poll, &stopping, &mut batch, &mut shard, &mut flows,
+                        options, &socket, &mut poll, &stopping, &mut batch, &mut shard, &mut flows,
                         &ready, print,
                     )
                 })();

@@ -4,8 +4,9 @@
 //! - The kernel-side socket filter (on by default) keeps every event of a
 //!   flow not to a Service out of the socket; `--readers 2` splits the
 //!   Service flows between two sockets, each event reaching exactly one.
-//!   Three exporters watch the same traffic at once (no filter, the default,
-//!   two readers) and their Service metrics are equal line for line.
+//!   Four exporters watch the same traffic at once (no filter, the default,
+//!   two readers, no drain delay) and their Service metrics are equal line
+//!   for line.
 //! - `--event-mask` makes the kernel build no event at all for flows not to
 //!   a Service (IPv4 and IPv6); the table is gone after the exporter exits,
 //!   and a table left by a killed exporter is removed at the next start.
@@ -190,7 +191,7 @@ fn the_socket_filter_and_two_readers_change_what_is_received_not_what_is_measure
     }
     let mut vn = node();
     let svc = ["--svc-subnet", SERVICES];
-    let (unfiltered, filtered, two) = (9111, 9112, 9113);
+    let (unfiltered, filtered, two, immediate) = (9111, 9112, 9113, 9114);
     let _a = start(
         &mut vn,
         unfiltered,
@@ -198,15 +199,25 @@ fn the_socket_filter_and_two_readers_change_what_is_received_not_what_is_measure
     );
     let _b = start(&mut vn, filtered, &svc);
     let _c = start(&mut vn, two, &[&svc[..], &["--readers", "2"]].concat());
+    let _d = start(
+        &mut vn,
+        immediate,
+        &[&svc[..], &["--drain-delay-us", "0"]].concat(),
+    );
     let flows = drive(&vn);
     let count = n("service_duration_seconds_count");
-    let [a, b, c] = [unfiltered, filtered, two].map(|port| {
+    let [a, b, c, d] = [unfiltered, filtered, two, immediate].map(|port| {
         scrape_until(&vn, port, &count, flows.service);
         // Late events of the flush may still be coming: settle.
         std::thread::sleep(Duration::from_millis(300));
         get(&vn, port, "/metrics", None).1
     });
-    for (text, what) in [(&a, "unfiltered"), (&b, "filtered"), (&c, "two readers")] {
+    for (text, what) in [
+        (&a, "unfiltered"),
+        (&b, "filtered"),
+        (&c, "two readers"),
+        (&d, "no drain delay"),
+    ] {
         assert_every_service_flow_measured(text, &flows, what);
     }
 
@@ -236,6 +247,9 @@ fn the_socket_filter_and_two_readers_change_what_is_received_not_what_is_measure
     // The same events, so the same Service metrics, line for line.
     assert_same_service_metrics(&a, &b, "unfiltered vs filtered");
     assert_same_service_metrics(&b, &c, "one reader vs two");
+    // Reading 1 ms late (the default) or at once changes nothing: every
+    // moment is the kernel's stamp.
+    assert_same_service_metrics(&b, &d, "--drain-delay-us 1000 (default) vs 0");
 }
 
 fn tables(vn: &VirtualNode) -> String {

@@ -62,8 +62,9 @@ cargo test --all-targets 2>&1 | tee "$log"
 export EXPORTER=target/debug/conntrack-metrics FLOOR=target/debug/ct-count
 step env SERVICES=2 CLIENTS=2 CONN_PER_CLIENT=300 CLIENT_CONCURRENCY=20 OUT="$smoke/ab" loadtest/ab-workload
 step env SERVICES=2 CLIENTS=2 DURATION=2 OUT="$smoke/throughput" loadtest/throughput
-step env PROTO=udp FLOWS=40000 LISTENERS="none exporter exporter-tuned floor" OUT="$smoke/overhead-udp" loadtest/overhead
-step env PROTO=tcp FLOWS=6000 LISTENERS="none exporter floor" OUT="$smoke/overhead-tcp" loadtest/overhead
+step env PROTO=udp MIX=50 FLOWS=40000 LISTENERS="none exporter exporter-nofilter exporter-mask exporter-readers2 floor" \
+    OUT="$smoke/overhead-udp" loadtest/overhead
+step env PROTO=tcp FLOWS=6000 LISTENERS="none exporter exporter-tuned floor" OUT="$smoke/overhead-tcp" loadtest/overhead
 
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }

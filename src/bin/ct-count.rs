@@ -8,9 +8,13 @@
 //! event is the floor no exporter on this socket setup can beat, and with zero
 //! overruns its count is the ground truth for the event count.
 //!
+//! Usage: `ct-count [DRAIN_DELAY_US]`. Like the exporter's `--drain-delay-us`
+//! (and with the same default), it waits that long after the socket becomes
+//! readable before draining it; 0 reads at once. (It parses nothing, so it
+//! cannot check for kernel event stamps as the exporter does: it always waits.)
+//!
 //! On SIGTERM or SIGINT it prints one line `datagrams=N overruns=M` on stdout
 //! and exits 0. Needs root or `CAP_NET_ADMIN` in the network namespace.
-//! No flags.
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
@@ -21,7 +25,7 @@ use std::sync::Arc;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use conntrack_metrics::config::DEFAULT_RCVBUF_BYTES;
+use conntrack_metrics::config::{DEFAULT_DRAIN_DELAY_US, DEFAULT_RCVBUF_BYTES};
 use conntrack_metrics::reader::SLOT_BYTES;
 use conntrack_metrics::sys::signal;
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch, RecvError};
@@ -37,7 +41,18 @@ fn main() -> ExitCode {
         let _ = writeln!(io::stderr(), "ct-count: cannot block signals: {e}");
         return ExitCode::FAILURE;
     }
-    match run() {
+    let delay_us = match std::env::args().nth(1).map(|a| a.parse::<u64>()) {
+        None => DEFAULT_DRAIN_DELAY_US,
+        Some(Ok(us)) if us <= 100_000 => us,
+        Some(_) => {
+            let _ = writeln!(
+                io::stderr(),
+                "usage: ct-count [DRAIN_DELAY_US (0..=100000)]"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match run(std::time::Duration::from_micros(delay_us)) {
         Ok((datagrams, overruns)) => {
             let _ = writeln!(io::stdout(), "datagrams={datagrams} overruns={overruns}");
             ExitCode::SUCCESS
@@ -50,7 +65,7 @@ fn main() -> ExitCode {
 }
 
 /// Counts until a stop signal; returns (datagrams, overruns).
-fn run() -> io::Result<(u64, u64)> {
+fn run(drain_delay: std::time::Duration) -> io::Result<(u64, u64)> {
     let socket = ConntrackSocket::open(EventGroups::ALL, DEFAULT_RCVBUF_BYTES)?;
     let _ = writeln!(
         io::stderr(),
@@ -86,7 +101,12 @@ fn run() -> io::Result<(u64, u64)> {
                     return Ok((datagrams, overruns));
                 }
                 match poll.poll(&mut events, None) {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        if !drain_delay.is_zero() {
+                            std::thread::sleep(drain_delay);
+                        }
+                        break;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
                 }
