@@ -10,6 +10,7 @@
 #![allow(unsafe_code)]
 
 pub mod filter;
+pub mod memory;
 pub mod netlink;
 pub mod process;
 pub mod recv;
