@@ -21,7 +21,6 @@
 
 use std::hint::black_box;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -34,15 +33,8 @@ use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
 
 use conntrack_metrics::wire::{capture, CtEvent, Datagram, EventKind, Message, Tuple};
 
-/// The six captures described in tests/fixtures/README.md.
-const FIXTURES: [&str; 6] = [
-    "tcp_dnat_ab.bin",
-    "tcp_dnat_ab_load_midstream.bin",
-    "tcp_dnat_refused.bin",
-    "udp_dnat_dns_load_midstream.bin",
-    "udp_dnat_vip53.bin",
-    "udp_unreplied_sink.bin",
-];
+#[path = "../tests/common/captures.rs"]
+mod captures;
 
 const NLMSG_HDRLEN: usize = 16;
 
@@ -55,10 +47,6 @@ struct Corpus {
     messages: Vec<Vec<u8>>,
     /// Conntrack events in the corpus (the same for both decoders, checked).
     events: u64,
-}
-
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 /// Independent reader of the fixture format: `u32 len (LE)` + `len` bytes, repeated.
@@ -230,12 +218,11 @@ fn our_events(name: &str, i: usize, msg: &[u8]) -> (u64, Summary) {
 
 impl Corpus {
     fn load() -> Corpus {
-        let dir = fixture_dir();
         let mut datagrams = Vec::new();
         let mut messages = Vec::new();
         let mut events = 0u64;
-        for name in FIXTURES {
-            let path = dir.join(name);
+        for name in captures::CAPTURES {
+            let path = captures::fixture_path(&format!("{name}.bin"));
             let buf =
                 std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
             let records = read_records(name, &buf);
@@ -282,7 +269,7 @@ impl Corpus {
             "corpus: {} files, {} datagrams, {} messages, {} events; \
              both decoders accept every message and agree on the events and their \
              tuples, status, timeout and TCP state",
-            FIXTURES.len(),
+            captures::CAPTURES.len(),
             datagrams.len(),
             messages.len(),
             events

@@ -34,7 +34,6 @@
 //! Run: `cargo bench --bench pipeline` (figures in docs/benchmarks.md).
 
 use std::hint::black_box;
-use std::path::Path;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -43,17 +42,10 @@ use conntrack_metrics::flow::{FlowTracker, ServiceFilter};
 use conntrack_metrics::reader::{self, FLOW_TABLE_FLOWS};
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::{Counter, Series, ShardSet, ShardWriter, Snapshot};
-use conntrack_metrics::wire::{capture, CtEvent, Datagram, EventKind, Message};
+use conntrack_metrics::wire::{CtEvent, Datagram, EventKind, Message};
 
-/// The six captures described in tests/fixtures/README.md.
-const FIXTURES: [&str; 6] = [
-    "tcp_dnat_ab.bin",
-    "tcp_dnat_ab_load_midstream.bin",
-    "tcp_dnat_refused.bin",
-    "udp_dnat_dns_load_midstream.bin",
-    "udp_dnat_vip53.bin",
-    "udp_unreplied_sink.bin",
-];
+#[path = "../tests/common/captures.rs"]
+mod captures;
 
 /// Datagrams per `recvmmsg` batch: the reader's default (`--recv-batch`).
 const BATCH: usize = 64;
@@ -71,18 +63,14 @@ struct Slot {
 /// Every captured datagram of every fixture, in file order, and the number of
 /// conntrack events they hold.
 fn corpus() -> (Vec<Slot>, u64) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let mut datagrams = Vec::new();
-    for name in FIXTURES {
-        let bytes = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-        for record in capture::records(&bytes) {
-            let record = record.unwrap_or_else(|e| panic!("{name}: {e}"));
-            datagrams.push(Slot {
-                bytes: record.to_vec(),
-                truncated: false,
-            });
-        }
-    }
+    let datagrams: Vec<Slot> = captures::CAPTURES
+        .iter()
+        .flat_map(|name| captures::datagrams(name))
+        .map(|bytes| Slot {
+            bytes,
+            truncated: false,
+        })
+        .collect();
     let mut event = CtEvent::empty(EventKind::New, 0);
     let mut events = 0;
     for dg in &datagrams {

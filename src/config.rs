@@ -261,12 +261,9 @@ fn parse_reader_cpu(s: &str) -> Result<usize, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a CPU number"))?;
-    let Some(mut allowed) = core_affinity::get_core_ids()
-        .map(|ids| ids.into_iter().map(|id| id.id).collect::<Vec<usize>>())
-    else {
+    let Some(allowed) = allowed_cpus() else {
         return Err("cannot read the CPUs this process may run on".to_string());
     };
-    allowed.sort_unstable();
     if allowed.contains(&cpu) {
         Ok(cpu)
     } else {
@@ -275,6 +272,17 @@ fn parse_reader_cpu(s: &str) -> Result<usize, String> {
             cpu_list(&allowed)
         ))
     }
+}
+
+/// The CPUs this process may run on (its affinity mask, so a container's
+/// cpuset), ascending; `None` if they cannot be read.
+pub fn allowed_cpus() -> Option<Vec<usize>> {
+    let mut allowed: Vec<usize> = core_affinity::get_core_ids()?
+        .into_iter()
+        .map(|id| id.id)
+        .collect();
+    allowed.sort_unstable();
+    Some(allowed)
 }
 
 /// `sorted` in the kernel's cpulist form: `0-3,8,10-11`.

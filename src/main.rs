@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use mio::{Poll, Waker};
 
-use conntrack_metrics::config::Config;
+use conntrack_metrics::config::{self, Config};
 use conntrack_metrics::expo::http::{Endpoint, Limits};
 use conntrack_metrics::expo::scrape::{Exposition, ScrapeOptions};
 use conntrack_metrics::flow::event_mask::{self, EventMask};
@@ -348,10 +348,7 @@ fn reader_cpus(given: &[usize], readers: usize) -> Vec<Option<usize>> {
     if readers == 1 {
         return vec![None];
     }
-    let mut allowed: Vec<usize> = core_affinity::get_core_ids()
-        .map(|ids| ids.into_iter().map(|c| c.id).collect())
-        .unwrap_or_default();
-    allowed.sort_unstable();
+    let allowed = config::allowed_cpus().unwrap_or_default();
     (0..readers)
         .map(|i| (!allowed.is_empty()).then(|| allowed[i % allowed.len()]))
         .collect()

@@ -12,7 +12,8 @@ use conntrack_metrics::wire::{
 use serde_json::Value;
 
 fn expected(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(common::fixture_path(&format!("{name}.jsonl"))).unwrap();
+    let text =
+        std::fs::read_to_string(common::captures::fixture_path(&format!("{name}.jsonl"))).unwrap();
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
@@ -82,8 +83,8 @@ fn event_of(j: &Value) -> CtEvent {
 #[test]
 fn every_fixture_message_parses_and_matches_its_independent_decoding() {
     let mut total = 0;
-    for name in common::CAPTURES {
-        let datagrams = common::datagrams(name);
+    for name in common::captures::CAPTURES {
+        let datagrams = common::captures::datagrams(name);
         let want = expected(name);
         assert_eq!(datagrams.len(), want.len(), "{name}: message count");
         for (i, (d, j)) in datagrams.iter().zip(&want).enumerate() {
@@ -108,7 +109,7 @@ fn every_fixture_message_parses_and_matches_its_independent_decoding() {
 
 #[test]
 fn golden_fields_of_a_dnat_tcp_flow_pinned() {
-    let d = common::datagrams("tcp_dnat_ab");
+    let d = common::captures::datagrams("tcp_dnat_ab");
     let vip = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10));
     let client = IpAddr::V4(Ipv4Addr::new(10, 123, 1, 2));
     let backend = IpAddr::V4(Ipv4Addr::new(10, 123, 2, 2));
@@ -144,7 +145,7 @@ fn golden_fields_of_a_dnat_tcp_flow_pinned() {
 #[test]
 fn golden_fields_of_destroy_events_pinned() {
     // TIME_WAIT expiry: counters and start/stop, no timeout.
-    let ab = common::datagrams("tcp_dnat_ab");
+    let ab = common::captures::datagrams("tcp_dnat_ab");
     let destroy = ab
         .iter()
         .map(|d| CtEvent::parse(d).unwrap())
@@ -178,7 +179,7 @@ fn golden_fields_of_destroy_events_pinned() {
     assert_eq!(destroy.timestamp_event, Some(1_795_673_863_153_167_343));
 
     // Killed by RST: the timeout is still there, state CLOSE, never SEEN_REPLY.
-    let refused = common::datagrams("tcp_dnat_refused");
+    let refused = common::captures::datagrams("tcp_dnat_refused");
     let rst = CtEvent::parse(&refused[1]).unwrap();
     assert_eq!(rst.kind, EventKind::Destroy);
     assert_eq!(rst.id, Some(3_028_979_472));
@@ -203,7 +204,7 @@ fn golden_fields_of_destroy_events_pinned() {
 
 #[test]
 fn udp_fixtures_have_no_tcp_state_and_the_unreplied_sink_no_dnat() {
-    for d in common::datagrams("udp_dnat_vip53") {
+    for d in common::captures::datagrams("udp_dnat_vip53") {
         let ev = CtEvent::parse(&d).unwrap();
         assert_eq!(ev.tcp_state, None);
         let orig = ev.orig.unwrap();
@@ -211,7 +212,7 @@ fn udp_fixtures_have_no_tcp_state_and_the_unreplied_sink_no_dnat() {
         assert_eq!(ev.reply.unwrap().src_port, Some(5353));
         assert!(ev.status.unwrap().has(Status::DST_NAT));
     }
-    for d in common::datagrams("udp_unreplied_sink") {
+    for d in common::captures::datagrams("udp_unreplied_sink") {
         let ev = CtEvent::parse(&d).unwrap();
         assert!(!ev.status.unwrap().has(Status::DST_NAT | Status::SEEN_REPLY));
         assert_eq!(ev.orig.unwrap().dst, ev.reply.unwrap().src);
@@ -221,8 +222,8 @@ fn udp_fixtures_have_no_tcp_state_and_the_unreplied_sink_no_dnat() {
 #[test]
 fn whole_capture_as_one_datagram_walks_every_message() {
     // A recvmmsg buffer may hold several messages back to back.
-    for name in common::CAPTURES {
-        let datagrams = common::datagrams(name);
+    for name in common::captures::CAPTURES {
+        let datagrams = common::captures::datagrams(name);
         let joined: Vec<u8> = datagrams.concat();
         let events: Vec<_> = Datagram::new(&joined).map(|m| m.unwrap()).collect();
         assert_eq!(events.len(), datagrams.len(), "{name}");

@@ -9,8 +9,8 @@ use conntrack_metrics::wire::{CtEvent, Datagram, WireError};
 #[test]
 fn truncation_at_every_offset_of_every_fixture_is_an_error() {
     let mut cuts = 0;
-    for name in common::CAPTURES {
-        for d in common::datagrams(name) {
+    for name in common::captures::CAPTURES {
+        for d in common::captures::datagrams(name) {
             for n in 0..d.len() {
                 let cut = &d[..n];
                 let err = CtEvent::parse(cut).unwrap_err();
@@ -49,8 +49,8 @@ fn top_level_boundaries(msg: &[u8]) -> Vec<usize> {
 
 #[test]
 fn truncation_with_a_consistent_header_fails_inside_attributes_only() {
-    for name in common::CAPTURES {
-        for d in common::datagrams(name) {
+    for name in common::captures::CAPTURES {
+        for d in common::captures::datagrams(name) {
             let full = CtEvent::parse(&d).unwrap();
             let boundaries = top_level_boundaries(&d);
             for n in 16..d.len() {

@@ -17,7 +17,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::exporter::{get, scrape_until, start, value};
+use common::exporter::{get, scrape_until, start, start_with_pid, value};
 use common::netns::{kernel_tests_possible, run, VirtualNode};
 use common::traffic::{nft_counter, start_backend, udp_client, DUAL_STACK_BACKEND, HTTP_BACKEND};
 
@@ -256,13 +256,6 @@ fn tables(vn: &VirtualNode) -> String {
     vn.exec(&vn.node, &["nft", "list", "tables"])
 }
 
-/// Starts an exporter and returns its pid (the process `ip netns exec` ran).
-fn start_pid(vn: &mut VirtualNode, port: u16, args: &[&str]) -> u32 {
-    let _ = start(vn, port, args);
-    let bind = format!("127.0.0.1:{port}");
-    run(&["pgrep", "-n", "-f", &bind]).trim().parse().unwrap()
-}
-
 #[test]
 fn the_event_mask_stops_events_of_other_flows_and_goes_away_with_the_exporter() {
     if !kernel_tests_possible() {
@@ -286,7 +279,7 @@ fn the_event_mask_stops_events_of_other_flows_and_goes_away_with_the_exporter() 
 
     // With the mask: the kernel builds events for the Service flows only.
     let mut vn = node();
-    let pid = start_pid(&mut vn, 9122, &[&args[..], &["--event-mask"]].concat());
+    let (pid, _) = start_with_pid(&mut vn, 9122, &[&args[..], &["--event-mask"]].concat());
     assert!(
         tables(&vn).contains("table inet conntrack_metrics"),
         "{}",
@@ -322,11 +315,11 @@ fn the_event_mask_stops_events_of_other_flows_and_goes_away_with_the_exporter() 
 
     // Killed: the table stays (the kernel keeps masking); the next start
     // without --event-mask removes it, with it replaces it.
-    let pid = start_pid(&mut vn, 9123, &["--event-mask"]);
+    let (pid, _) = start_with_pid(&mut vn, 9123, &["--event-mask"]);
     run(&["kill", "-KILL", &pid.to_string()]);
     vn.wait_child(pid, Duration::from_secs(3)).expect("killed");
     assert!(tables(&vn).contains("conntrack_metrics"));
-    let pid = start_pid(&mut vn, 9124, &["--event-mask"]);
+    let (pid, _) = start_with_pid(&mut vn, 9124, &["--event-mask"]);
     let listing = vn.exec(
         &vn.node,
         &["nft", "list", "table", "inet", "conntrack_metrics"],
@@ -338,7 +331,7 @@ fn the_event_mask_stops_events_of_other_flows_and_goes_away_with_the_exporter() 
     );
     run(&["kill", "-KILL", &pid.to_string()]);
     vn.wait_child(pid, Duration::from_secs(3)).expect("killed");
-    let pid = start_pid(&mut vn, 9125, &[]);
+    let (pid, _) = start_with_pid(&mut vn, 9125, &[]);
     assert!(
         !tables(&vn).contains("conntrack_metrics"),
         "{}",

@@ -50,9 +50,9 @@ fn allocations() -> u64 {
 
 #[test]
 fn parsing_the_whole_fixture_corpus_allocates_nothing() {
-    let corpus: Vec<Vec<Vec<u8>>> = common::CAPTURES
+    let corpus: Vec<Vec<Vec<u8>>> = common::captures::CAPTURES
         .iter()
-        .map(|n| common::datagrams(n))
+        .map(|n| common::captures::datagrams(n))
         .collect();
     let joined: Vec<Vec<u8>> = corpus.iter().map(|c| c.concat()).collect();
 

@@ -100,18 +100,25 @@ pub enum Value {
     Float(f64),
 }
 
+/// `text` with `\\` and newline escaped, and `"` too when `quote` (label
+/// values; HELP text leaves quotes as they are).
+fn write_escaped(out: &mut Vec<u8>, text: &str, quote: bool) {
+    for c in text.bytes() {
+        match c {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'"' if quote => out.extend_from_slice(b"\\\""),
+            c => out.push(c),
+        }
+    }
+}
+
 /// `# HELP name text` with the text escaped (`\\` and newline).
 pub fn write_help(out: &mut Vec<u8>, name: &str, help: &str) {
     out.extend_from_slice(b"# HELP ");
     out.extend_from_slice(name.as_bytes());
     out.push(b' ');
-    for c in help.bytes() {
-        match c {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            c => out.push(c),
-        }
-    }
+    write_escaped(out, help, false);
     out.push(b'\n');
 }
 
@@ -127,14 +134,13 @@ pub fn write_type(out: &mut Vec<u8>, name: &str, kind: &str) {
 /// HELP and TYPE of a counter whose samples are `{base}_total`: the
 /// Prometheus text names the family `{base}_total`, OpenMetrics `{base}`.
 pub fn write_counter_meta(out: &mut Vec<u8>, openmetrics: bool, base: &str, help: &str) {
-    let mut family = Vec::with_capacity(base.len() + 6);
-    family.extend_from_slice(base.as_bytes());
-    if !openmetrics {
-        family.extend_from_slice(b"_total");
-    }
-    let family = std::str::from_utf8(&family).unwrap_or(base);
-    write_help(out, family, help);
-    write_type(out, family, "counter");
+    let family = if openmetrics {
+        std::borrow::Cow::Borrowed(base)
+    } else {
+        std::borrow::Cow::Owned(format!("{base}_total"))
+    };
+    write_help(out, &family, help);
+    write_type(out, &family, "counter");
 }
 
 /// `name{k="v",...} value`: labels in the order given, values escaped
@@ -156,14 +162,7 @@ pub fn write_sample(
             }
             out.extend_from_slice(k.as_bytes());
             out.extend_from_slice(b"=\"");
-            for c in v.bytes() {
-                match c {
-                    b'\\' => out.extend_from_slice(b"\\\\"),
-                    b'"' => out.extend_from_slice(b"\\\""),
-                    b'\n' => out.extend_from_slice(b"\\n"),
-                    c => out.push(c),
-                }
-            }
+            write_escaped(out, v, true);
             out.push(b'"');
         }
         out.push(b'}');

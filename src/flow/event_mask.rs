@@ -152,22 +152,20 @@ impl Drop for EventMask {
 /// `--event-mask`. Returns whether there was one. Without `nft` on the
 /// machine there can be no table: `Ok(false)`.
 pub fn remove_stale() -> Result<bool, EventMaskError> {
-    match nft(
-        &["list", "table", "inet", "conntrack_metrics"],
-        None,
-        "list",
-    ) {
-        Ok(()) => delete().map(|()| true),
-        Err(EventMaskError::NoNft(_)) | Err(EventMaskError::Refused { .. }) => Ok(false),
+    if table_command("list").is_err() {
+        return Ok(false);
     }
+    table_command("delete").map(|()| true)
 }
 
 fn delete() -> Result<(), EventMaskError> {
-    nft(
-        &["delete", "table", "inet", "conntrack_metrics"],
-        None,
-        "delete",
-    )
+    table_command("delete")
+}
+
+/// `nft VERB table inet conntrack_metrics`.
+fn table_command(verb: &'static str) -> Result<(), EventMaskError> {
+    let (family, name) = TABLE.split_once(' ').unwrap_or(("inet", TABLE));
+    nft(&[verb, "table", family, name], None, verb)
 }
 
 /// Runs `nft args`, feeding `stdin` if given; its stdout is discarded.

@@ -9,6 +9,16 @@ use super::netns::VirtualNode;
 /// Starts the exporter in the node namespace listening on 127.0.0.1:`port`
 /// with `args`, waits until it serves, and keeps draining its stderr.
 pub fn start(vn: &mut VirtualNode, port: u16, args: &[&str]) -> std::process::ChildStdout {
+    start_with_pid(vn, port, args).1
+}
+
+/// [`start`], also returning the exporter's pid (`ip netns exec` execs it,
+/// so the child's pid is the exporter's).
+pub fn start_with_pid(
+    vn: &mut VirtualNode,
+    port: u16,
+    args: &[&str],
+) -> (u32, std::process::ChildStdout) {
     let node = vn.node.clone();
     let bind = format!("127.0.0.1:{port}");
     let mut argv = vec![
@@ -20,6 +30,7 @@ pub fn start(vn: &mut VirtualNode, port: u16, args: &[&str]) -> std::process::Ch
     ];
     argv.extend_from_slice(args);
     let exporter = vn.spawn(&node, &argv, Stdio::piped(), Stdio::piped());
+    let pid = exporter.id();
     let mut stderr = BufReader::new(exporter.stderr.take().unwrap());
     let stdout = exporter.stdout.take().unwrap();
     let mut line = String::new();
@@ -31,7 +42,7 @@ pub fn start(vn: &mut VirtualNode, port: u16, args: &[&str]) -> std::process::Ch
         }
     }
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    stdout
+    (pid, stdout)
 }
 
 /// GET `path` from the exporter on `port` in the node namespace (curl runs
