@@ -7,7 +7,7 @@
 //! * `parse + count + flow tracking + stats (the reader's per-event path)`:
 //!   what `conntrack_metrics::reader::run` does after `recvmmsg` returns,
 //!   through the same functions (`reader::begin_batch`,
-//!   `reader::handle_datagram`). Per batch of [`BATCH`] datagrams (the default
+//!   `reader::handle_datagram`, `reader::end_batch`). Per batch of [`BATCH`] datagrams (the default
 //!   `--recv-batch`): `ShardWriter::set_time(Instant::now())`, the wall-clock
 //!   `received_ns`, `observe(Series::ReaderBatch, n)`, and the flow-table
 //!   gauge at the end. Per datagram: the truncation check. Per event: the
@@ -129,7 +129,7 @@ fn reader_path(
                 &mut None,
             );
         }
-        flows_gauge.set(flows.flows() as f64);
+        reader::end_batch(shard, flows, &flows_gauge);
     }
 }
 

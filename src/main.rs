@@ -248,6 +248,9 @@ fn run(config: Config) -> io::Result<()> {
     }
 
     let filter = ServiceFilter::new(config.svc_subnets.clone(), config.exclude_subnets.clone());
+    // Every socket is subscribed by now: flows that started earlier may have
+    // events the readers never got, and are not measured.
+    let subscribed_ns = reader::wall_clock_ns();
     let mut ready_flags = Vec::with_capacity(readers);
     let mut threads = Vec::with_capacity(readers);
     for (index, ((socket, share), mut poll)) in sockets.into_iter().zip(polls).enumerate() {
@@ -263,6 +266,7 @@ fn run(config: Config) -> io::Result<()> {
             config.max_flows / readers,
             share,
             kernel_filtered,
+            subscribed_ns,
         );
         metrics::gauge!(FLOW_TABLE_CAPACITY, "reader" => index.to_string())
             .set(flows.capacity() as f64);

@@ -12,6 +12,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use metrics::Gauge;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
@@ -89,7 +90,7 @@ pub fn run(
                 // The kernel dropped events for us; reading goes on at once,
                 // and no open flow is measured from here on.
                 shard.count(Counter::NetlinkOverruns, 1);
-                flows.overrun();
+                flows.overrun(wall_clock_ns(), shard);
                 overruns_unlogged += 1;
                 if last_overrun_log.is_none_or(|t| t.elapsed() >= OVERRUN_LOG_EVERY) {
                     let _ = writeln!(
@@ -145,8 +146,7 @@ pub fn run(
                 &mut print,
             )?;
         }
-        // An atomic store through a handle made once: no lookup, no allocation.
-        flows_gauge.set(flows.flows() as f64);
+        end_batch(shard, flows, &flows_gauge);
         if let Some(out) = print.as_mut() {
             out.flush()?;
         }
@@ -161,6 +161,22 @@ pub fn run(
 pub fn begin_batch(shard: &mut ShardWriter<'_>, datagrams: usize) -> u64 {
     shard.set_time(Instant::now());
     shard.observe(Series::ReaderBatch, datagrams as u64);
+    wall_clock_ns()
+}
+
+/// What the reader does after each batch: the table steps still queued, then
+/// the flow-table gauge (an atomic store through a handle made once: no
+/// lookup, no allocation).
+#[inline]
+pub fn end_batch(shard: &mut ShardWriter<'_>, flows: &mut FlowTracker, flows_gauge: &Gauge) {
+    flows.flush(shard);
+    flows_gauge.set(flows.flows() as f64);
+}
+
+/// The wall clock (`CLOCK_REALTIME`, the clock of the kernel's conntrack
+/// stamps) in nanoseconds since the epoch; a vDSO read, no syscall.
+#[inline]
+pub fn wall_clock_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -169,6 +185,8 @@ pub fn begin_batch(shard: &mut ShardWriter<'_>, datagrams: usize) -> u64 {
 /// What the reader does with one received datagram: every message parsed
 /// into `event`, counted, and given to the flow tracker; malformed ones
 /// counted and skipped. `print` is the `--print-events` output, if any.
+/// The tracker may queue table steps: [`FlowTracker::flush`] after the
+/// batch takes the rest.
 #[inline]
 pub fn handle_datagram(
     bytes: &[u8],
@@ -200,7 +218,7 @@ pub fn handle_datagram(
             }
             Ok(Message::Overrun) => {
                 shard.count(Counter::NetlinkOverruns, 1);
-                flows.overrun();
+                flows.overrun(wall_clock_ns(), shard);
             }
             Ok(_) => {}
             Err(e) => {

@@ -1,18 +1,21 @@
 //! The flow table: per-flow state between events, in memory allocated once
 //! at start, with a fixed capacity.
 //!
-//! Owns: lookup by flow key (conntrack id and tuple), insertion, removal, and eviction of the
-//! oldest flows when full.
+//! Owns: lookup by flow key (conntrack id and tuple), insertion, removal,
+//! eviction of the oldest flows when full, and the prefetch hints that let a
+//! batch's lookups overlap.
 //! Never: allocates or grows after construction; scans the table per event.
 //!
-//! Flows live in a slab of entries allocated at start, linked in insertion
-//! order (oldest first) by index, with a free list. An index of open
-//! addressing with linear probing (power of two, at most half full,
-//! backward-shift deletion, so no tombstones and short probes under churn)
-//! maps a flow key to its entry. Insert, lookup, remove and evict-oldest
-//! are all O(1).
+//! Flows live in a slab of entries allocated at start, one cache line each,
+//! linked in insertion order (oldest first) by index through a separate,
+//! dense array of links (8 bytes a flow, so unlinking a flow touches its
+//! neighbours' links, which stay cached, not their entries), with a free
+//! list. An index of open addressing with linear probing (power of two, at
+//! most half full, backward-shift deletion, so no tombstones and short probes
+//! under churn) maps a flow key to its entry. Insert, lookup, remove and
+//! evict-oldest are all O(1).
 
-use crate::sys::memory::huge_page_slice;
+use crate::sys::memory::{huge_page_slice, prefetch};
 
 /// What the table keeps of one flow. Times are wall-clock nanoseconds
 /// (the kernel's event stamps, or the batch's receive time).
@@ -22,25 +25,34 @@ pub struct FlowState {
     pub seen_reply_ns: Option<u64>,
     /// Moment the flow was first seen in a closing TCP state, if it was.
     pub fin_ns: Option<u64>,
-    /// Whether every event of the flow up to its seen-reply moment was
-    /// received (NEW seen, no overrun since): only then is it measured.
+    /// Whether no overrun was reported between the flow's insertion and its
+    /// seen-reply moment.
     pub seen_reply_complete: bool,
     /// The same for the FIN moment.
     pub fin_complete: bool,
-    /// Whether the flow's NEW event was received.
-    pub saw_new: bool,
-    /// The reader's overrun count when the NEW event was received.
-    pub overruns_at_new: u32,
+    /// The reader's overrun count when the flow was inserted.
+    pub overruns_at_insert: u32,
+    /// The latest moment, known at the insertion, at or before which events
+    /// may have been lost (the tracker's loss horizon): the flow is measured
+    /// only if it started after it.
+    pub loss_horizon_ns: u64,
 }
 
 const NIL: u32 = u32::MAX;
 
+/// One flow: a cache line, so a prefetch of its start brings all of it.
 #[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
 struct Entry {
     key: FlowKey,
+    state: FlowState,
+}
+
+/// An entry's neighbours in insertion order (or, free, the next free entry).
+#[derive(Clone, Copy, Debug)]
+struct Link {
     prev: u32,
     next: u32,
-    state: FlowState,
 }
 
 /// What identifies a flow: its conntrack id and a hash of its original
@@ -58,9 +70,10 @@ struct Cell {
 
 const EMPTY: Cell = Cell { key: 0, entry: NIL };
 
-/// A bounded map from conntrack id to [`FlowState`], oldest evicted first.
+/// A bounded map from flow key to [`FlowState`], oldest evicted first.
 pub struct FlowTable {
     entries: Box<[Entry]>,
+    links: Box<[Link]>,
     index: Box<[Cell]>,
     mask: usize,
     /// Oldest and newest entry (insertion order), and the free list.
@@ -75,8 +88,13 @@ pub struct FlowTable {
 pub enum Inserted {
     /// There was room.
     Fresh,
-    /// The table was full: the oldest flow (this key) was evicted.
-    Evicted(FlowKey),
+    /// The table was full: the oldest flow was evicted.
+    Evicted {
+        /// Its key.
+        key: FlowKey,
+        /// Its state when it went.
+        state: FlowState,
+    },
 }
 
 #[inline]
@@ -92,10 +110,13 @@ impl FlowTable {
     pub fn new(capacity: usize) -> FlowTable {
         let capacity = capacity.clamp(1, 1 << 31);
         let cells = (capacity * 2).next_power_of_two();
-        // Both arrays on huge pages where the kernel allows: a full table is
-        // 22 MiB of random accesses (src/sys/memory.rs).
-        let entries = huge_page_slice(capacity, |i| Entry {
+        // All three arrays on huge pages where the kernel allows: a full
+        // table is 24 MiB of random accesses (src/sys/memory.rs).
+        let entries = huge_page_slice(capacity, |_| Entry {
             key: 0,
+            state: FlowState::default(),
+        });
+        let links = huge_page_slice(capacity, |i| Link {
             prev: NIL,
             // The free list threads every entry at start.
             next: if i + 1 < capacity {
@@ -103,10 +124,10 @@ impl FlowTable {
             } else {
                 NIL
             },
-            state: FlowState::default(),
         });
         FlowTable {
             entries,
+            links,
             index: huge_page_slice(cells, |_| EMPTY),
             mask: cells - 1,
             oldest: NIL,
@@ -133,11 +154,31 @@ impl FlowTable {
 
     /// Bytes allocated for the table.
     pub fn allocated_bytes(&self) -> usize {
-        self.entries.len() * std::mem::size_of::<Entry>()
+        self.entries.len() * (std::mem::size_of::<Entry>() + std::mem::size_of::<Link>())
             + self.index.len() * std::mem::size_of::<Cell>()
     }
 
+    /// A hint that `key` will be looked up soon: brings its home index cell
+    /// toward the cache. Changes nothing.
+    #[inline]
+    pub fn prefetch_cell(&self, key: FlowKey) {
+        prefetch(&self.index[hash(key) & self.mask]);
+    }
+
+    /// A hint that the flow `key` will be read or removed soon: brings its
+    /// entry and its links toward the cache, if it is in the table. Best
+    /// after [`FlowTable::prefetch_cell`] had time to bring the cell.
+    #[inline]
+    pub fn prefetch_entry(&self, key: FlowKey) {
+        if let Some(cell) = self.find(key) {
+            let e = self.index[cell].entry as usize;
+            prefetch(&self.entries[e]);
+            prefetch(&self.links[e]);
+        }
+    }
+
     /// The index cell holding `key`.
+    #[inline]
     fn find(&self, key: FlowKey) -> Option<usize> {
         let mut i = hash(key) & self.mask;
         loop {
@@ -169,21 +210,20 @@ impl FlowTable {
         if self.free == NIL {
             let old = self.entries[self.oldest as usize].key;
             if let Some(cell) = self.find(old) {
-                self.remove_cell(cell);
+                let state = self.remove_cell(cell);
+                outcome = Inserted::Evicted { key: old, state };
             }
-            outcome = Inserted::Evicted(old);
         }
         let e = self.free;
-        self.free = self.entries[e as usize].next;
-        self.entries[e as usize] = Entry {
-            key,
+        self.free = self.links[e as usize].next;
+        self.entries[e as usize] = Entry { key, state };
+        self.links[e as usize] = Link {
             prev: self.newest,
             next: NIL,
-            state,
         };
         match self.newest {
             NIL => self.oldest = e,
-            n => self.entries[n as usize].next = e,
+            n => self.links[n as usize].next = e,
         }
         self.newest = e;
         let mut i = hash(key) & self.mask;
@@ -203,18 +243,17 @@ impl FlowTable {
 
     fn remove_cell(&mut self, cell: usize) -> FlowState {
         let e = self.index[cell].entry;
-        let Entry {
-            prev, next, state, ..
-        } = self.entries[e as usize];
+        let state = self.entries[e as usize].state;
+        let Link { prev, next } = self.links[e as usize];
         match prev {
             NIL => self.oldest = next,
-            p => self.entries[p as usize].next = next,
+            p => self.links[p as usize].next = next,
         }
         match next {
             NIL => self.newest = prev,
-            n => self.entries[n as usize].prev = prev,
+            n => self.links[n as usize].prev = prev,
         }
-        self.entries[e as usize].next = self.free;
+        self.links[e as usize].next = self.free;
         self.free = e;
         self.len -= 1;
         self.unindex(cell);
@@ -253,6 +292,14 @@ mod tests {
         }
     }
 
+    /// The evicted flow's key and seen-reply moment.
+    fn evicted(outcome: Inserted) -> Option<(FlowKey, u64)> {
+        match outcome {
+            Inserted::Fresh => None,
+            Inserted::Evicted { key, state } => Some((key, state.seen_reply_ns.unwrap())),
+        }
+    }
+
     #[test]
     fn insert_get_remove() {
         let mut t = FlowTable::new(8);
@@ -273,10 +320,11 @@ mod tests {
 
     #[test]
     fn memory_per_flow() {
-        // 56-byte entries and 16-byte index cells, twice as many cells as
-        // entries: 88 bytes a flow at a power-of-two capacity (docs/flows.md).
+        // 64-byte entries (a cache line), 8-byte links and 16-byte index
+        // cells, twice as many cells as entries: 104 bytes a flow at a
+        // power-of-two capacity (docs/flows.md).
         let t = FlowTable::new(262_144);
-        assert_eq!(t.allocated_bytes(), 262_144 * 88);
+        assert_eq!(t.allocated_bytes(), 262_144 * 104);
     }
 
     #[test]
@@ -294,17 +342,17 @@ mod tests {
         for id in 1..=3 {
             assert_eq!(t.insert(id, state(id)).1, Inserted::Fresh);
         }
-        assert_eq!(t.insert(4, state(4)).1, Inserted::Evicted(1));
+        assert_eq!(evicted(t.insert(4, state(4)).1), Some((1, 1)));
         assert!(t.get_mut(1).is_none());
         // A flow that ended frees its room, wherever it was in the order.
         t.remove(3);
         assert_eq!(t.insert(5, state(5)).1, Inserted::Fresh);
-        assert_eq!(t.insert(6, state(6)).1, Inserted::Evicted(2));
+        assert_eq!(evicted(t.insert(6, state(6)).1), Some((2, 2)));
         assert_eq!(t.len(), 3);
         // Replacing a flow in a full table evicts nothing, and the new one is
         // the newest.
         assert_eq!(t.insert(4, state(40)).1, Inserted::Fresh);
-        assert_eq!(t.insert(7, state(7)).1, Inserted::Evicted(5));
+        assert_eq!(evicted(t.insert(7, state(7)).1), Some((5, 5)));
         assert_eq!(t.get_mut(4).unwrap().seen_reply_ns, Some(40));
     }
 
@@ -320,6 +368,9 @@ mod tests {
             x ^= x << 17;
             // Few distinct ids, so collisions, reuse and eviction all happen.
             let id = x % 150;
+            // The hints change nothing, wherever they point.
+            t.prefetch_cell(id);
+            t.prefetch_entry(id);
             if x % 3 == 0 {
                 assert_eq!(
                     t.remove(id).map(|s| s.seen_reply_ns.unwrap()),
@@ -332,7 +383,7 @@ mod tests {
                     order.retain(|&o| o != id);
                 }
                 order.push(id);
-                if let Inserted::Evicted(old) = outcome {
+                if let Some((old, _)) = evicted(outcome) {
                     assert_eq!(order.first(), Some(&old), "evicted the oldest");
                     order.remove(0);
                     model.remove(&old);

@@ -21,15 +21,33 @@
 //! - throughput (TCP, per direction) = bytes at DESTROY / FIN latency;
 //! - duration = stop - start; bytes and packets per direction, at DESTROY.
 //!
-//! Lost events: a latency is observed only if the flow's NEW event was
-//! received and no overrun (`ENOBUFS`) happened between it and the
-//! milestone, so a milestone is never taken from a later event than the one
-//! that really showed it. DESTROY-only observations (duration, bytes,
-//! packets) carry their own data and are always taken.
+//! The table: a flow enters it at its first event with `SEEN_REPLY` and
+//! leaves at its DESTROY. Its NEW, UPDATEs that show no reply, and the
+//! DESTROY of a flow never answered touch no table: a burst of unanswered
+//! flows (a scan, a dead backend, a SYN flood) takes neither room nor
+//! lookups. Events that touch the table wait in a short queue whose cells
+//! and entries are prefetched, so a batch's cache misses overlap.
+//!
+//! Lost events: a latency is observed only if no event of the flow up to
+//! the milestone can have been lost, so a milestone is never taken from a
+//! later event than the one that really showed it. The kernel reports an
+//! overrun (`ENOBUFS`) before any event it queues after the drop, so if an
+//! event of a flow started at `start` was dropped, an overrun is reported
+//! after `start` and before the next event of the flow is read. Hence the
+//! loss horizon: the latest of the subscription time, each overrun's report
+//! time (wall clock read after the report) and the seen-reply moment of
+//! each evicted flow. A flow's entry takes the horizon and the overrun count
+//! at insertion; at the DESTROY, which carries the kernel's start stamp, a
+//! milestone counts if the flow started after that horizon and no overrun
+//! came between the insertion and the milestone. (The horizon never goes
+//! back: after a wall-clock step backwards that follows an overrun, flows
+//! go unmeasured until the clock passes the overrun again; never measured
+//! wrongly.) DESTROY-only observations (duration, bytes, packets) carry
+//! their own data and are always taken.
 
 use crate::stats::{Counter, Series, ShardWriter};
 use crate::wire::bpf::ReaderShare;
-use crate::wire::{CtEvent, EventKind, Status, TcpState};
+use crate::wire::{Counters, CtEvent, EventKind, Status, TcpState};
 
 use std::net::IpAddr;
 
@@ -88,42 +106,98 @@ pub struct KernelFiltered {
     pub other_shares: bool,
 }
 
-/// Service flows between their NEW and their DESTROY.
+/// How many table steps wait in the queue at most: their index cells are
+/// prefetched as they are queued and their entries just before the steps
+/// run, so the cache misses of a batch's flows overlap.
+pub const QUEUE_DEPTH: usize = 32;
+
+/// How far ahead of the step it runs the queue prefetches entries.
+const ENTRY_LOOKAHEAD: usize = 8;
+
+/// Service flows between their first reply and their DESTROY.
 pub struct FlowTracker {
     filter: ServiceFilter,
     table: FlowTable,
-    /// Overruns seen so far (wrapping): a flow remembers the count at its NEW.
+    /// Overruns seen so far (wrapping): a flow remembers the count at its
+    /// insertion.
     overruns: u32,
+    /// The latest moment at or before which events may have been lost: the
+    /// subscription, the last overrun's report, the latest seen-reply moment
+    /// of an evicted flow. Never goes back.
+    loss_horizon_ns: u64,
     share: ReaderShare,
     kernel_filtered: KernelFiltered,
+    /// Table steps not yet taken, in event order; allocated once.
+    queue: Vec<Step>,
+}
+
+/// An event that touches the table, queued: what its step needs.
+#[derive(Clone, Copy, Debug)]
+struct Step {
+    key: FlowKey,
+    moment: Moment,
+    /// For a DESTROY, what its observations need; `None` for an UPDATE.
+    end: Option<Ended>,
+}
+
+/// What a DESTROY carries for its observations.
+#[derive(Clone, Copy, Debug, Default)]
+struct Ended {
+    /// The kernel's start and stop stamps, when it gave both.
+    span: Option<(u64, u64)>,
+    to: Counters,
+    from: Counters,
+    tcp: bool,
+    /// Ended by its DESTROY alone, in TCP state CLOSE (a reset).
+    reset: bool,
+}
+
+impl Ended {
+    #[inline]
+    fn of(ev: &CtEvent) -> Ended {
+        Ended {
+            span: ev.timestamp.and_then(|t| Some((t.start?, t.stop?))),
+            to: ev.counters_orig.unwrap_or_default(),
+            from: ev.counters_reply.unwrap_or_default(),
+            tcp: ev.orig.and_then(|t| t.proto) == Some(TCP),
+            reset: ev.tcp_state == Some(TcpState::CLOSE),
+        }
+    }
 }
 
 impl FlowTracker {
     /// A tracker for at most `max_flows` flows at once, allocated now, taking
-    /// every flow, behind no kernel filter.
+    /// every flow, behind no kernel filter, subscribed before any flow it is
+    /// given started (replays, benches).
     pub fn new(filter: ServiceFilter, max_flows: usize) -> FlowTracker {
         FlowTracker::for_reader(
             filter,
             max_flows,
             ReaderShare::ALL,
             KernelFiltered::default(),
+            0,
         )
     }
 
     /// A tracker of one reader's `share` of the flows, behind a kernel
-    /// filter that drops what `kernel_filtered` says.
+    /// filter that drops what `kernel_filtered` says, on a socket subscribed
+    /// at or before `subscribed_ns` (wall clock): flows that started earlier
+    /// may have events it never got, and are not measured.
     pub fn for_reader(
         filter: ServiceFilter,
         max_flows: usize,
         share: ReaderShare,
         kernel_filtered: KernelFiltered,
+        subscribed_ns: u64,
     ) -> FlowTracker {
         FlowTracker {
             filter,
             table: FlowTable::new(max_flows),
             overruns: 0,
+            loss_horizon_ns: subscribed_ns,
             share,
             kernel_filtered,
+            queue: Vec::with_capacity(QUEUE_DEPTH),
         }
     }
 
@@ -137,14 +211,20 @@ impl FlowTracker {
         self.table.capacity()
     }
 
-    /// The socket overran: events of any open flow may be lost.
+    /// The socket overran, reported at `at_ns` (wall clock, read after the
+    /// report): events of any flow that started before may be lost. The
+    /// events queued so far are taken first.
     #[inline]
-    pub fn overrun(&mut self) {
+    pub fn overrun(&mut self, at_ns: u64, shard: &mut ShardWriter<'_>) {
+        self.flush(shard);
         self.overruns = self.overruns.wrapping_add(1);
+        self.loss_horizon_ns = self.loss_horizon_ns.max(at_ns);
     }
 
     /// Takes one event. `received_ns` is the wall-clock receive time of its
-    /// batch, used when the kernel did not stamp the event.
+    /// batch, used when the kernel did not stamp the event. An event that
+    /// touches the table may wait in a queue of [`QUEUE_DEPTH`] until
+    /// [`FlowTracker::flush`]; events are always taken in order.
     ///
     /// Only DNAT'd flows to a Service count, every event of them (the Go
     /// original also took the DESTROY of a flow to a Service address that no
@@ -169,52 +249,116 @@ impl FlowTracker {
         let Some(id) = ev.id else {
             return;
         };
-        let id = flow_key(id, ev);
         let moment = Moment {
             at: ev.timestamp_event.unwrap_or(received_ns),
             seen_reply: ev.status.is_some_and(|s| s.has(Status::SEEN_REPLY)),
             fin: ev.orig.and_then(|t| t.proto) == Some(TCP)
                 && ev.tcp_state.is_some_and(TcpState::is_closing),
-            overruns: self.overruns,
         };
         match ev.kind {
-            EventKind::New => {
-                let fresh = FlowState {
-                    saw_new: true,
-                    overruns_at_new: self.overruns,
-                    ..FlowState::default()
-                };
-                let (flow, inserted) = self.table.insert(id, fresh);
-                moment.apply(flow);
-                count_eviction(inserted, shard);
+            // Nothing to keep before the first reply: the start comes with
+            // the DESTROY, and whether this NEW was received is known then
+            // from the loss horizon.
+            EventKind::New => {}
+            // Nor from an UPDATE that shows no reply (a FIN counts only
+            // after one).
+            EventKind::Update if !moment.seen_reply => {}
+            EventKind::Update => self.queue(Step {
+                key: flow_key(id, ev),
+                moment,
+                end: None,
+            }),
+            // SEEN_REPLY never clears: a DESTROY without it ends a flow that
+            // was never answered, so never in the table.
+            EventKind::Destroy if ev.status.is_some_and(|s| !s.has(Status::SEEN_REPLY)) => {
+                observe_destroy(&Ended::of(ev), &FlowState::default(), shard);
             }
-            EventKind::Update => match self.table.get_mut(id) {
-                Some(flow) => moment.apply(flow),
-                None => {
-                    // Its NEW was not received (lost, or the flow is older
-                    // than the table's last eviction): tracked, never measured.
-                    let (flow, inserted) = self.table.insert(id, FlowState::default());
-                    moment.apply(flow);
-                    count_eviction(inserted, shard);
-                }
-            },
-            EventKind::Destroy => {
-                let mut flow = self.table.remove(id).unwrap_or_default();
-                // A DESTROY comes when the entry is removed, which for an
-                // expired flow is long after its last packet: it never sets
-                // the seen-reply moment. A connection reset after it was
-                // answered is closed by its DESTROY alone (state CLOSE, no
-                // UPDATE): its FIN moment is the kernel's stop stamp.
-                let reset = ev.tcp_state == Some(TcpState::CLOSE);
-                if reset && moment.fin && flow.fin_ns.is_none() && flow.seen_reply_ns.is_some() {
-                    if let Some(stop) = ev.timestamp.and_then(|t| t.stop) {
-                        flow.fin_ns = Some(stop);
-                        flow.fin_complete = moment.complete(&flow);
-                    }
-                }
-                observe_destroy(ev, &flow, shard);
+            EventKind::Destroy => self.queue(Step {
+                key: flow_key(id, ev),
+                moment,
+                end: Some(Ended::of(ev)),
+            }),
+        }
+        if self.queue.len() == QUEUE_DEPTH {
+            self.flush(shard);
+        }
+    }
+
+    /// Queues a table step, with a hint for its index cell.
+    #[inline]
+    fn queue(&mut self, step: Step) {
+        self.table.prefetch_cell(step.key);
+        self.queue.push(step);
+    }
+
+    /// Takes the queued table steps, in order. The reader calls it after
+    /// each batch; [`FlowTracker::event`] when the queue is full.
+    #[inline]
+    pub fn flush(&mut self, shard: &mut ShardWriter<'_>) {
+        let n = self.queue.len();
+        for step in &self.queue[..n.min(ENTRY_LOOKAHEAD)] {
+            self.table.prefetch_entry(step.key);
+        }
+        for i in 0..n {
+            if let Some(ahead) = self.queue.get(i + ENTRY_LOOKAHEAD) {
+                self.table.prefetch_entry(ahead.key);
+            }
+            let step = self.queue[i];
+            self.step(step, shard);
+        }
+        self.queue.clear();
+    }
+
+    /// One UPDATE that shows a reply, or one DESTROY of an answered flow.
+    #[inline]
+    fn step(&mut self, step: Step, shard: &mut ShardWriter<'_>) {
+        let Step { key, moment, end } = step;
+        let overruns = self.overruns;
+        let Some(end) = end else {
+            // An UPDATE showing SEEN_REPLY: the first inserts the flow.
+            if let Some(flow) = self.table.get_mut(key) {
+                moment.apply(flow, overruns);
+                return;
+            }
+            let fresh = FlowState {
+                overruns_at_insert: overruns,
+                loss_horizon_ns: self.loss_horizon_ns,
+                ..FlowState::default()
+            };
+            let (flow, inserted) = self.table.insert(key, fresh);
+            moment.apply(flow, overruns);
+            if let Inserted::Evicted { state, .. } = inserted {
+                shard.count(Counter::FlowsEvicted, 1);
+                // A later event of the evicted flow finds no entry and would
+                // be taken for its first reply: the flow started before its
+                // seen-reply moment, so the horizon past that keeps it out.
+                let at = state.seen_reply_ns.unwrap_or(moment.at);
+                self.loss_horizon_ns = self.loss_horizon_ns.max(at);
+            }
+            return;
+        };
+        let mut flow = self.table.remove(key).unwrap_or_default();
+        // A DESTROY comes when the entry is removed, which for an expired
+        // flow is long after its last packet: it never sets the seen-reply
+        // moment. A connection reset after it was answered is closed by its
+        // DESTROY alone (state CLOSE, no UPDATE): its FIN moment is the
+        // kernel's stop stamp.
+        if end.reset && moment.fin && flow.fin_ns.is_none() && flow.seen_reply_ns.is_some() {
+            if let Some((_, stop)) = end.span {
+                flow.fin_ns = Some(stop);
+                flow.fin_complete = flow.overruns_at_insert == overruns;
             }
         }
+        // An entry that an overrun may have left behind (its DESTROY lost)
+        // and that this flow found by the same key: not this flow's.
+        let stale = flow.overruns_at_insert != overruns
+            && end
+                .span
+                .is_some_and(|(start, _)| flow.seen_reply_ns.is_some_and(|at| at < start));
+        if stale {
+            flow = FlowState::default();
+        }
+        observe_destroy(&end, &flow, shard);
     }
 }
 
@@ -241,33 +385,22 @@ fn flow_key(id: u32, ev: &CtEvent) -> FlowKey {
     u64::from(id) << 32 | (h >> 32)
 }
 
-fn count_eviction(inserted: Inserted, shard: &mut ShardWriter<'_>) {
-    if let Inserted::Evicted(_) = inserted {
-        shard.count(Counter::FlowsEvicted, 1);
-    }
-}
-
 /// What one event shows about its flow.
+#[derive(Clone, Copy, Debug)]
 struct Moment {
     at: u64,
     seen_reply: bool,
     fin: bool,
-    overruns: u32,
 }
 
 impl Moment {
-    /// Whether every event of `flow` up to now was received.
+    /// Records the milestones an UPDATE shows, complete when no overrun
+    /// (`overruns` is the count now) came since the flow's insertion. A FIN
+    /// counts only for a connection that was answered: a refused one (SYN,
+    /// RST) has no FIN latency.
     #[inline]
-    fn complete(&self, flow: &FlowState) -> bool {
-        flow.saw_new && flow.overruns_at_new == self.overruns
-    }
-
-    /// Records the milestones a NEW or UPDATE shows. A FIN counts only for
-    /// a connection that was answered: a refused one (SYN, RST) has no FIN
-    /// latency.
-    #[inline]
-    fn apply(&self, flow: &mut FlowState) {
-        let complete = self.complete(flow);
+    fn apply(&self, flow: &mut FlowState, overruns: u32) {
+        let complete = flow.overruns_at_insert == overruns;
         if self.seen_reply && flow.seen_reply_ns.is_none() {
             flow.seen_reply_ns = Some(self.at);
             flow.seen_reply_complete = complete;
@@ -279,19 +412,20 @@ impl Moment {
     }
 }
 
-/// The observations of a flow at its DESTROY.
-fn observe_destroy(ev: &CtEvent, flow: &FlowState, shard: &mut ShardWriter<'_>) {
+/// The observations of a flow at its DESTROY. Its latencies count only if
+/// it started after the loss horizon its entry took at insertion: then its
+/// NEW and every event up to its first reply were received.
+fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
     // As the original: only a DESTROY with the kernel's start and stop
     // (timestamps were on when the flow was created) yields observations.
-    let Some((start, stop)) = ev.timestamp.and_then(|t| Some((t.start?, t.stop?))) else {
+    let Some((start, stop)) = end.span else {
         return;
     };
     match stop.checked_sub(start) {
         Some(d) => shard.observe(Series::Duration, d / 1_000),
         None => shard.count(Counter::EventsOrderErrors, 1),
     }
-    let to = ev.counters_orig.unwrap_or_default();
-    let from = ev.counters_reply.unwrap_or_default();
+    let (to, from) = (end.to, end.from);
     for (value, series) in [
         (to.bytes, Series::BytesToService),
         (to.packets, Series::PacketsToService),
@@ -302,14 +436,14 @@ fn observe_destroy(ev: &CtEvent, flow: &FlowState, shard: &mut ShardWriter<'_>) 
             shard.observe(series, v);
         }
     }
-    if let (Some(at), true) = (flow.seen_reply_ns, flow.seen_reply_complete) {
+    let whole = start > flow.loss_horizon_ns;
+    if let (Some(at), true, true) = (flow.seen_reply_ns, flow.seen_reply_complete, whole) {
         match at.checked_sub(start) {
             Some(l) => shard.observe(Series::SeenReplyLatency, l),
             None => shard.count(Counter::EventsOrderErrors, 1),
         }
     }
-    let tcp = ev.orig.and_then(|t| t.proto) == Some(TCP);
-    if let (Some(at), true, true) = (flow.fin_ns, flow.fin_complete, tcp) {
+    if let (Some(at), true, true, true) = (flow.fin_ns, flow.fin_complete, end.tcp, whole) {
         match at.checked_sub(start) {
             Some(l) => {
                 shard.observe(Series::FinLatency, l);
@@ -433,11 +567,20 @@ mod tests {
             }
         }
 
+        /// The events in order, then the queue flushed, as the reader does
+        /// after a batch.
         fn feed(&self, tracker: &mut FlowTracker, events: &[CtEvent]) {
             let mut w = self.shards.writer(0).unwrap();
             for e in events {
                 tracker.event(e, e.timestamp_event.unwrap_or(0) + 7 * MS, &mut w);
             }
+            tracker.flush(&mut w);
+        }
+
+        /// An overrun reported at `at`.
+        fn overrun(&self, tracker: &mut FlowTracker, at: u64) {
+            let mut w = self.shards.writer(0).unwrap();
+            tracker.overrun(at, &mut w);
         }
 
         fn snap(&self) -> Snapshot {
@@ -448,13 +591,19 @@ mod tests {
     }
 
     fn tcp_flow(id: u32, states: &[TcpState]) -> Vec<CtEvent> {
+        tcp_flow_from(T0, id, states)
+    }
+
+    /// A TCP flow started at `t0`: NEW 1 ms later, then one UPDATE a
+    /// millisecond per state, DESTROY (TIME_WAIT) stopped at `t0` + 100 ms.
+    fn tcp_flow_from(t0: u64, id: u32, states: &[TcpState]) -> Vec<CtEvent> {
         let mut v = vec![ev(
             EventKind::New,
             id,
             6,
             Some(TcpState::SYN_SENT),
             NAT,
-            T0 + MS,
+            t0 + MS,
         )];
         for (i, s) in states.iter().enumerate() {
             let status = if *s == TcpState::SYN_SENT {
@@ -468,10 +617,10 @@ mod tests {
                 6,
                 Some(*s),
                 status,
-                T0 + (i as u64 + 2) * MS,
+                t0 + (i as u64 + 2) * MS,
             ));
         }
-        v.push(destroy(id, 6, Some(TcpState::TIME_WAIT), T0, T0 + 100 * MS));
+        v.push(destroy(id, 6, Some(TcpState::TIME_WAIT), t0, t0 + 100 * MS));
         v
     }
 
@@ -716,6 +865,9 @@ mod tests {
         t.event(&flow[0], T0 + MS, &mut w);
         t.event(&flow[1], T0 + 5 * MS, &mut w);
         t.event(&flow[2], T0 + 20 * MS, &mut w);
+        // The UPDATE and the DESTROY wait in the queue until the flush.
+        assert_eq!(t.flows(), 0);
+        t.flush(&mut w);
         drop(w);
         assert_eq!(run.snap().sum(Series::SeenReplyLatency), (5 * MS) as f64);
     }
@@ -728,13 +880,18 @@ mod tests {
         // The same id twice in a row: two flows.
         run.feed(&mut t, &tcp_flow(11, &[S::SYN_RECV, S::FIN_WAIT]));
         run.feed(&mut t, &tcp_flow(11, &[S::SYN_RECV, S::FIN_WAIT]));
-        // A NEW whose DESTROY was lost, then the id reused: the new flow wins.
+        // A NEW whose DESTROY was lost (never answered: nothing kept), then
+        // the id reused: the new flow is measured.
         run.feed(
             &mut t,
             &[ev(EventKind::New, 12, 6, Some(S::SYN_SENT), NAT, T0)],
         );
         run.feed(&mut t, &tcp_flow(12, &[S::SYN_RECV, S::FIN_WAIT]));
-        // An UPDATE whose NEW was lost: its seen-reply is not its first.
+        assert_eq!(run.snap().count(Series::SeenReplyLatency), 3);
+        // An UPDATE whose NEW was lost: the overrun that lost it is reported
+        // after the flow started, so its seen-reply (not its first) and its
+        // FIN are not measured; its DESTROY data is.
+        run.overrun(&mut t, T0 + 20 * MS);
         run.feed(
             &mut t,
             &[
@@ -746,29 +903,99 @@ mod tests {
                     REPLIED,
                     T0 + 50 * MS,
                 ),
+                ev(
+                    EventKind::Update,
+                    13,
+                    6,
+                    Some(S::FIN_WAIT),
+                    REPLIED,
+                    T0 + 60 * MS,
+                ),
                 destroy(13, 6, Some(S::TIME_WAIT), T0, T0 + 100 * MS),
             ],
         );
-        // An UPDATE that arrives after its flow's DESTROY is tracked but
-        // never measured, and does not disturb the next flow with that id.
-        run.feed(
-            &mut t,
-            &[ev(
-                EventKind::Update,
-                11,
-                6,
-                Some(S::TIME_WAIT),
-                REPLIED,
-                T0 + 200 * MS,
-            )],
-        );
-        run.feed(&mut t, &tcp_flow(11, &[S::SYN_RECV, S::FIN_WAIT]));
+        // A flow that starts after the overrun's report is measured.
+        let t1 = T0 + 30 * MS;
+        run.feed(&mut t, &tcp_flow_from(t1, 14, &[S::SYN_RECV, S::FIN_WAIT]));
         let s = run.snap();
         assert_eq!(s.count(Series::SeenReplyLatency), 4);
         assert_eq!(s.sum(Series::SeenReplyLatency), (4 * 2 * MS) as f64);
         assert_eq!(s.count(Series::FinLatency), 4);
         assert_eq!(s.count(Series::Duration), 5);
         assert_eq!(s.counter(Counter::EventsOrderErrors), 0);
+        assert_eq!(t.flows(), 0);
+    }
+
+    #[test]
+    fn an_entry_left_by_a_lost_destroy_is_not_taken_for_the_next_flow() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        use TcpState as S;
+        // Flow 21 answered, then its DESTROY lost in an overrun.
+        let first = tcp_flow(21, &[S::SYN_RECV, S::FIN_WAIT]);
+        run.feed(&mut t, &first[..3]);
+        run.overrun(&mut t, T0 + 150 * MS);
+        assert_eq!(t.flows(), 1, "its entry is left behind");
+        // The kernel reuses id and tuple for a flow that starts later: it
+        // finds the old entry. Not measured (its milestones are the old
+        // flow's), no order error; its DESTROY data is taken.
+        let t1 = T0 + 200 * MS;
+        run.feed(&mut t, &tcp_flow_from(t1, 21, &[S::SYN_RECV, S::FIN_WAIT]));
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 0);
+        assert_eq!(s.count(Series::FinLatency), 0);
+        assert_eq!(s.count(Series::Duration), 1);
+        assert_eq!(s.counter(Counter::EventsOrderErrors), 0);
+        assert_eq!(t.flows(), 0, "and the entry is gone");
+        // The next flow with that key is measured again.
+        let t2 = T0 + 400 * MS;
+        run.feed(&mut t, &tcp_flow_from(t2, 21, &[S::SYN_RECV, S::FIN_WAIT]));
+        assert_eq!(run.snap().count(Series::SeenReplyLatency), 1);
+    }
+
+    #[test]
+    fn flows_started_before_the_subscription_are_not_measured() {
+        let run = Run::new();
+        let filtered = KernelFiltered::default();
+        let subscribed = T0 + 5 * MS;
+        let mut t = FlowTracker::for_reader(filter(), 16, ReaderShare::ALL, filtered, subscribed);
+        use TcpState as S;
+        // Every event given, but the flow started before the socket was
+        // subscribed: its NEW could not have been received.
+        run.feed(&mut t, &tcp_flow(22, &[S::SYN_RECV, S::FIN_WAIT]));
+        run.feed(
+            &mut t,
+            &tcp_flow_from(T0 + 10 * MS, 23, &[S::SYN_RECV, S::FIN_WAIT]),
+        );
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 1, "flow 23 only");
+        assert_eq!(s.count(Series::FinLatency), 1, "flow 23 only");
+        assert_eq!(s.count(Series::Duration), 2);
+    }
+
+    #[test]
+    fn unanswered_flows_take_no_room_in_the_table() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 4);
+        // 100 unanswered UDP flows open at once, in a table for 4.
+        let news: Vec<CtEvent> = (100..200)
+            .map(|id| ev(EventKind::New, id, 17, None, NAT, T0 + MS))
+            .collect();
+        run.feed(&mut t, &news);
+        assert_eq!(t.flows(), 0);
+        let destroys: Vec<CtEvent> = (100..200)
+            .map(|id| {
+                let mut d = destroy(id, 17, None, T0, T0 + 30 * MS);
+                d.status = Some(Status(NAT | Status::DYING));
+                d
+            })
+            .collect();
+        run.feed(&mut t, &destroys);
+        let s = run.snap();
+        assert_eq!(s.count(Series::Duration), 100);
+        assert_eq!(s.count(Series::SeenReplyLatency), 0);
+        assert_eq!(s.counter(Counter::FlowsEvicted), 0);
+        assert_eq!(t.flows(), 0);
     }
 
     #[test]
@@ -799,16 +1026,18 @@ mod tests {
         let run = Run::new();
         let mut t = FlowTracker::new(filter(), 16);
         use TcpState as S;
+        // Started before the overrun's report, which came after its NEW.
         let flow = tcp_flow(14, &[S::SYN_RECV, S::FIN_WAIT]);
         run.feed(&mut t, &flow[..1]);
-        t.overrun();
+        run.overrun(&mut t, T0 + 3 * MS / 2);
         run.feed(&mut t, &flow[1..]);
-        // Seen-reply before the overrun, FIN after it.
-        let flow2 = tcp_flow(15, &[S::SYN_RECV, S::FIN_WAIT]);
+        // Started after it; seen-reply before the next overrun, FIN after it.
+        let flow2 = tcp_flow_from(T0 + 10 * MS, 15, &[S::SYN_RECV, S::FIN_WAIT]);
         run.feed(&mut t, &flow2[..2]);
-        t.overrun();
+        run.overrun(&mut t, T0 + 27 * MS / 2);
         run.feed(&mut t, &flow2[2..]);
-        run.feed(&mut t, &tcp_flow(16, &[S::SYN_RECV, S::FIN_WAIT]));
+        let flow3 = tcp_flow_from(T0 + 20 * MS, 16, &[S::SYN_RECV, S::FIN_WAIT]);
+        run.feed(&mut t, &flow3);
         let s = run.snap();
         assert_eq!(s.count(Series::SeenReplyLatency), 2, "flows 15 and 16");
         assert_eq!(s.count(Series::FinLatency), 1, "flow 16");
@@ -819,15 +1048,27 @@ mod tests {
     fn a_full_table_evicts_the_oldest_and_counts_it() {
         let run = Run::new();
         let mut t = FlowTracker::new(filter(), 4);
-        for id in 0..10 {
-            run.feed(
-                &mut t,
-                &[ev(EventKind::New, id, 6, Some(TcpState::SYN_SENT), NAT, T0)],
-            );
+        use TcpState as S;
+        // Ten flows answered, none ended yet, in a table for 4.
+        for id in 0..10u32 {
+            let start = T0 + u64::from(id) * 10 * MS;
+            run.feed(&mut t, &tcp_flow_from(start, id, &[S::SYN_RECV])[..2]);
         }
         assert_eq!(t.flows(), 4);
         assert_eq!(t.capacity(), 4);
         assert_eq!(run.snap().counter(Counter::FlowsEvicted), 6);
+        // An evicted flow goes on: its next UPDATE finds no entry and would
+        // be taken for its first reply. It is not measured.
+        let evicted = tcp_flow_from(T0, 0, &[S::SYN_RECV, S::FIN_WAIT]);
+        run.feed(&mut t, &evicted[2..]);
+        // A flow still in the table is.
+        let kept = tcp_flow_from(T0 + 90 * MS, 9, &[S::SYN_RECV, S::FIN_WAIT]);
+        run.feed(&mut t, &kept[2..]);
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 1);
+        assert_eq!(s.sum(Series::SeenReplyLatency), (2 * MS) as f64);
+        assert_eq!(s.count(Series::FinLatency), 1);
+        assert_eq!(s.count(Series::Duration), 2);
     }
 
     #[test]
@@ -904,7 +1145,7 @@ mod tests {
             let mine: Vec<CtEvent> = all.iter().filter(|e| share.owns(e.id)).copied().collect();
             assert_eq!(mine.len(), all.len() / 2, "ids 20..30 split evenly");
             run.feed(
-                &mut FlowTracker::for_reader(filter(), 64, *share, filtered),
+                &mut FlowTracker::for_reader(filter(), 64, *share, filtered, 0),
                 &mine,
             );
         }
@@ -928,7 +1169,7 @@ mod tests {
         // other share's events as misses (its kernel filter let them pass).
         let c = Run::new();
         c.feed(
-            &mut FlowTracker::for_reader(filter(), 64, shares[0], filtered),
+            &mut FlowTracker::for_reader(filter(), 64, shares[0], filtered, 0),
             &all,
         );
         let sc = c.snap();
@@ -947,7 +1188,7 @@ mod tests {
         }
         let d = Run::new();
         d.feed(
-            &mut FlowTracker::for_reader(filter(), 64, ReaderShare::ALL, filtered),
+            &mut FlowTracker::for_reader(filter(), 64, ReaderShare::ALL, filtered, 0),
             &outside,
         );
         assert_eq!(
