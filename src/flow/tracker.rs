@@ -256,18 +256,20 @@ impl FlowTracker {
                 && ev.tcp_state.is_some_and(TcpState::is_closing),
         };
         match ev.kind {
-            // Nothing to keep before the first reply: the start comes with
-            // the DESTROY, and whether this NEW was received is known then
-            // from the loss horizon.
-            EventKind::New => {}
-            // Nor from an UPDATE that shows no reply (a FIN counts only
-            // after one).
-            EventKind::Update if !moment.seen_reply => {}
-            EventKind::Update => self.queue(Step {
+            // The first event that shows the reply inserts the flow. Usually
+            // an UPDATE; but when the kernel fails to deliver an event to any
+            // listener (another one overran), it re-sends the missed events
+            // merged into the flow's next one, to every listener, and a merged
+            // NEW goes out as a NEW: a NEW can show the reply too.
+            EventKind::New | EventKind::Update if moment.seen_reply => self.queue(Step {
                 key: flow_key(id, ev),
                 moment,
                 end: None,
             }),
+            // Nothing to keep before the first reply: the start comes with
+            // the DESTROY, and whether the NEW was received is known then from
+            // the loss horizon. A FIN counts only after a reply.
+            EventKind::New | EventKind::Update => {}
             // SEEN_REPLY never clears: a DESTROY without it ends a flow that
             // was never answered, so never in the table.
             EventKind::Destroy if ev.status.is_some_and(|s| !s.has(Status::SEEN_REPLY)) => {
@@ -309,13 +311,14 @@ impl FlowTracker {
         self.queue.clear();
     }
 
-    /// One UPDATE that shows a reply, or one DESTROY of an answered flow.
+    /// One NEW or UPDATE that shows a reply, or one DESTROY of an answered
+    /// flow.
     #[inline]
     fn step(&mut self, step: Step, shard: &mut ShardWriter<'_>) {
         let Step { key, moment, end } = step;
         let overruns = self.overruns;
         let Some(end) = end else {
-            // An UPDATE showing SEEN_REPLY: the first inserts the flow.
+            // An event showing SEEN_REPLY: the first inserts the flow.
             if let Some(flow) = self.table.get_mut(key) {
                 moment.apply(flow, overruns);
                 return;
@@ -971,6 +974,24 @@ mod tests {
         assert_eq!(s.count(Series::SeenReplyLatency), 1, "flow 23 only");
         assert_eq!(s.count(Series::FinLatency), 1, "flow 23 only");
         assert_eq!(s.count(Series::Duration), 2);
+    }
+
+    #[test]
+    fn a_new_that_carries_the_reply_is_the_first_reply() {
+        // Another listener overran: the kernel re-sends the flow's missed NEW
+        // merged into its reply event, as a NEW with SEEN_REPLY.
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        run.feed(
+            &mut t,
+            &[
+                ev(EventKind::New, 24, 17, None, REPLIED, T0 + 3 * MS),
+                destroy(24, 17, None, T0, T0 + 30 * MS),
+            ],
+        );
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 1);
+        assert_eq!(s.sum(Series::SeenReplyLatency), (3 * MS) as f64);
     }
 
     #[test]
