@@ -88,7 +88,7 @@ pub fn run(
             Ok(n) => n,
             Err(RecvError::Overrun) => {
                 // The kernel dropped events for us; reading goes on at once,
-                // and no open flow is measured from here on.
+                // and no flow that started before now is measured.
                 shard.count(Counter::NetlinkOverruns, 1);
                 flows.overrun(wall_clock_ns(), shard);
                 overruns_unlogged += 1;
