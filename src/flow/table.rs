@@ -21,14 +21,13 @@ use crate::sys::memory::{huge_page_slice, prefetch};
 /// (the kernel's event stamps, or the batch's receive time).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
-    /// Moment the flow was first seen with SEEN_REPLY, if it was.
+    /// Moment the flow was first seen with SEEN_REPLY: its insertion (`None`
+    /// only in the state of a flow that has no entry).
     pub seen_reply_ns: Option<u64>,
     /// Moment the flow was first seen in a closing TCP state, if it was.
     pub fin_ns: Option<u64>,
     /// Whether no overrun was reported between the flow's insertion and its
-    /// seen-reply moment.
-    pub seen_reply_complete: bool,
-    /// The same for the FIN moment.
+    /// FIN moment.
     pub fin_complete: bool,
     /// The reader's overrun count when the flow was inserted.
     pub overruns_at_insert: u32,

@@ -318,18 +318,24 @@ impl FlowTracker {
         let Step { key, moment, end } = step;
         let overruns = self.overruns;
         let Some(end) = end else {
-            // An event showing SEEN_REPLY: the first inserts the flow.
+            // An event showing SEEN_REPLY: the first inserts the flow, at its
+            // seen-reply moment.
             if let Some(flow) = self.table.get_mut(key) {
-                moment.apply(flow, overruns);
+                if moment.fin {
+                    record_fin(flow, moment.at, overruns);
+                }
                 return;
             }
             let fresh = FlowState {
+                seen_reply_ns: Some(moment.at),
                 overruns_at_insert: overruns,
                 loss_horizon_ns: self.loss_horizon_ns,
                 ..FlowState::default()
             };
             let (flow, inserted) = self.table.insert(key, fresh);
-            moment.apply(flow, overruns);
+            if moment.fin {
+                record_fin(flow, moment.at, overruns);
+            }
             if let Inserted::Evicted { state, .. } = inserted {
                 shard.count(Counter::FlowsEvicted, 1);
                 // A later event of the evicted flow finds no entry and would
@@ -346,11 +352,8 @@ impl FlowTracker {
         // moment. A connection reset after it was answered is closed by its
         // DESTROY alone (state CLOSE, no UPDATE): its FIN moment is the
         // kernel's stop stamp.
-        if end.reset && moment.fin && flow.fin_ns.is_none() && flow.seen_reply_ns.is_some() {
-            if let Some((_, stop)) = end.span {
-                flow.fin_ns = Some(stop);
-                flow.fin_complete = flow.overruns_at_insert == overruns;
-            }
+        if let (true, true, Some((_, stop))) = (end.reset, moment.fin, end.span) {
+            record_fin(&mut flow, stop, overruns);
         }
         // An entry that an overrun may have left behind (its DESTROY lost)
         // and that this flow found by the same key: not this flow's.
@@ -396,22 +399,14 @@ struct Moment {
     fin: bool,
 }
 
-impl Moment {
-    /// Records the milestones an UPDATE shows, complete when no overrun
-    /// (`overruns` is the count now) came since the flow's insertion. A FIN
-    /// counts only for a connection that was answered: a refused one (SYN,
-    /// RST) has no FIN latency.
-    #[inline]
-    fn apply(&self, flow: &mut FlowState, overruns: u32) {
-        let complete = flow.overruns_at_insert == overruns;
-        if self.seen_reply && flow.seen_reply_ns.is_none() {
-            flow.seen_reply_ns = Some(self.at);
-            flow.seen_reply_complete = complete;
-        }
-        if self.fin && flow.fin_ns.is_none() && flow.seen_reply_ns.is_some() {
-            flow.fin_ns = Some(self.at);
-            flow.fin_complete = complete;
-        }
+/// Records `at` as the flow's FIN moment if it has none yet and was answered
+/// (a refused connection, SYN then RST, has no FIN latency): complete when no
+/// overrun (`overruns` is the count now) came since the flow's insertion.
+#[inline]
+fn record_fin(flow: &mut FlowState, at: u64, overruns: u32) {
+    if flow.fin_ns.is_none() && flow.seen_reply_ns.is_some() {
+        flow.fin_ns = Some(at);
+        flow.fin_complete = flow.overruns_at_insert == overruns;
     }
 }
 
@@ -440,7 +435,9 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
         }
     }
     let whole = start > flow.loss_horizon_ns;
-    if let (Some(at), true, true) = (flow.seen_reply_ns, flow.seen_reply_complete, whole) {
+    // An entry is inserted at its flow's seen-reply moment, so no overrun
+    // can come between the two: that moment counts when the flow is whole.
+    if let (Some(at), true) = (flow.seen_reply_ns, whole) {
         match at.checked_sub(start) {
             Some(l) => shard.observe(Series::SeenReplyLatency, l),
             None => shard.count(Counter::EventsOrderErrors, 1),

@@ -141,24 +141,24 @@ mod tests {
         tx.send(&[1; 3]).expect("send");
         tx.send(&[2; 20]).expect("send"); // longer than a slot
         tx.send(&[3; 8]).expect("send");
+        let received = |b: &RecvBatch| -> Vec<(Vec<u8>, bool)> {
+            b.datagrams()
+                .map(|d| (d.bytes.to_vec(), d.truncated))
+                .collect()
+        };
         assert_eq!(batch.recv(&rx).expect("first receive"), 3);
-        let first: Vec<(Vec<u8>, bool)> = batch
-            .datagrams()
-            .map(|d| (d.bytes.to_vec(), d.truncated))
-            .collect();
         assert_eq!(
-            first,
+            received(&batch),
             vec![(vec![1; 3], false), (vec![2; 8], true), (vec![3; 8], false)]
         );
 
         tx.send(&[4; 5]).expect("send");
         tx.send(&[5; 1]).expect("send");
         assert_eq!(batch.recv(&rx).expect("second receive"), 2);
-        let second: Vec<(Vec<u8>, bool)> = batch
-            .datagrams()
-            .map(|d| (d.bytes.to_vec(), d.truncated))
-            .collect();
-        assert_eq!(second, vec![(vec![4; 5], false), (vec![5; 1], false)]);
+        assert_eq!(
+            received(&batch),
+            vec![(vec![4; 5], false), (vec![5; 1], false)]
+        );
 
         assert!(matches!(batch.recv(&rx), Err(RecvError::WouldBlock)));
         assert_eq!(batch.datagrams().count(), 0);
