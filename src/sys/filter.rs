@@ -1,7 +1,7 @@
 //! Attaching a classic BPF socket filter (`SO_ATTACH_FILTER`) to a socket,
 //! and removing it.
 //!
-//! Owns: the two `setsockopt` calls and the `sock_fprog` handed to the
+//! Owns: the two socket options and the `sock_fprog` handed to the
 //! kernel. The program itself is built in [`crate::wire::bpf`].
 //! Never: builds or changes a program, or touches a socket it was not given;
 //! the kernel copies and checks the program during the call, so nothing here
@@ -46,23 +46,12 @@ pub fn attach_filter(fd: RawFd, program: &[sock_filter]) -> io::Result<()> {
         // `*mut` in the C struct alone.
         filter: program.as_ptr().cast_mut(),
     };
-    // SAFETY: `fd` is a socket the caller keeps open for the call; `fprog`
-    // is a live `sock_fprog` whose size is passed with it, and its `filter`
-    // points at `len` initialised `sock_filter`s borrowed from `program`,
-    // which the kernel copies before returning and never writes.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_ATTACH_FILTER,
-            (&fprog as *const sock_fprog).cast(),
-            std::mem::size_of::<sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
+    // SAFETY: `fprog.filter` points at `len` initialised `sock_filter`s
+    // borrowed from `program`, which the kernel copies before returning and
+    // never writes.
+    let Err(err) = (unsafe { super::set_socket_option(fd, SO_ATTACH_FILTER, &fprog) }) else {
         return Ok(());
-    }
-    let err = io::Error::last_os_error();
+    };
     if err.raw_os_error() == Some(libc::ENOMEM) {
         return Err(io::Error::new(
             io::ErrorKind::OutOfMemory,
@@ -81,23 +70,8 @@ pub fn attach_filter(fd: RawFd, program: &[sock_filter]) -> io::Result<()> {
 /// with `ENOENT` if it had none.
 pub fn detach_filter(fd: RawFd) -> io::Result<()> {
     let unused: libc::c_int = 0;
-    // SAFETY: `fd` is a socket the caller keeps open for the call; the
-    // option value points at a live `c_int` whose size is passed with it
-    // (the kernel ignores it for this option).
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_DETACH_FILTER,
-            (&unused as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // SAFETY: a plain `c_int` (which the kernel ignores for this option).
+    unsafe { super::set_socket_option(fd, SO_DETACH_FILTER, &unused) }
 }
 
 /// The kernel's own BPF interpreter (or JIT) judges every message here: a
@@ -319,18 +293,11 @@ mod tests {
             tv_sec: 0,
             tv_usec: 200_000,
         };
-        // SAFETY: the socket is open; `timeout` is a live timeval whose size
-        // is passed with it.
-        let rc = unsafe {
-            libc::setsockopt(
-                lo.socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0);
+        // SAFETY: a plain `timeval`, no pointer inside.
+        unsafe {
+            crate::sys::set_socket_option(lo.socket.as_raw_fd(), libc::SO_RCVTIMEO, &timeout)
+        }
+        .unwrap();
         lo.socket.send_to(&msg, &lo.me, 0).unwrap();
         let mut buf = vec![0u8; 256];
         let err = lo.socket.recv(&mut &mut buf[..], 0).unwrap_err();

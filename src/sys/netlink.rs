@@ -98,20 +98,6 @@ impl AsRawFd for ConntrackSocket {
 }
 
 fn set_rcvbuf(fd: RawFd, option: libc::c_int, bytes: i32) -> io::Result<()> {
-    // SAFETY: `fd` is an open socket owned by the caller for the whole call;
-    // the option value points at a live `i32` whose size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (&bytes as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // SAFETY: a plain `i32`, no pointer inside.
+    unsafe { super::set_socket_option(fd, option, &bytes) }
 }
