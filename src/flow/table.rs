@@ -57,7 +57,8 @@ struct Link {
 /// What identifies a flow: its conntrack id and a hash of its original
 /// tuple. The kernel's ids are 32-bit hashes, so among 100,000 live flows
 /// two share an id about once (seen here: 1 or 2 flows in a 100,000-flow
-/// test); with the tuple as well, two live flows never share a key.
+/// test); with a 32-bit hash of the tuple as well (`flow_key` in the
+/// tracker), two live flows share a key about once in 4 billion of those.
 pub type FlowKey = u64;
 
 /// An index cell: flow key and entry index; `entry == NIL` is empty.
