@@ -161,7 +161,14 @@ fn run(config: Config) -> io::Result<()> {
             } else {
                 (&everything, &[])
             };
-            let attached = bpf::service_event_filter(services, excluded, Some(share))
+            // The Service filter also keeps out the events the tracker cannot
+            // use, unless every event is to be printed.
+            let events = if kernel_filtered.non_service && !config.print_events {
+                bpf::FlowEvents::Used
+            } else {
+                bpf::FlowEvents::All
+            };
+            let attached = bpf::service_event_filter(services, excluded, Some(share), events)
                 .map_err(|e| io::Error::other(e.to_string()))
                 .and_then(|program| socket.attach_filter(&program));
             match attached {

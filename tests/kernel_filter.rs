@@ -2,8 +2,9 @@
 //! `wire::bpf::service_event_filter`, attached to a conntrack socket in a
 //! virtual node's namespace, lets through exactly the events of Service
 //! flows (every one of them, and nothing else) for IPv4 and IPv6 Service
-//! subnets, and two readers sharing the flows get disjoint halves whose union
-//! is every Service event. Each filtered socket is compared with an
+//! subnets, or with `FlowEvents::Used` exactly those of them the flow tracker
+//! may use; and two readers sharing the flows get disjoint halves whose union
+//! is every such event. Each filtered socket is compared with an
 //! unfiltered one opened at the same time on the same traffic: DNAT'd flows
 //! to ClusterIPs, flows straight to a backend address, flows to a ClusterIP
 //! in an excluded subnet, over both families. Needs root; see `tests/run.sh`.
@@ -14,10 +15,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use conntrack_metrics::flow::{ServiceFilter, Subnet};
+use conntrack_metrics::flow::{tracker_may_use, ServiceFilter, Subnet};
 use conntrack_metrics::sys::filter::attach_filter;
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch, RecvError};
-use conntrack_metrics::wire::bpf::{service_event_filter, ReaderShare};
+use conntrack_metrics::wire::bpf::{service_event_filter, FlowEvents, ReaderShare};
 use conntrack_metrics::wire::{EventKind, Message};
 
 use common::netns::{kernel_tests_possible, VirtualNode};
@@ -196,17 +197,23 @@ fn destroys(datagrams: &[Vec<u8>]) -> usize {
         .count()
 }
 
-/// The datagrams userspace keeps: Service events of `share`'s flows, and
-/// anything that is not a conntrack event.
+/// The datagrams userspace keeps: Service events of `share`'s flows (only
+/// those the tracker may use, with [`FlowEvents::Used`]), and anything that
+/// is not a conntrack event.
 fn userspace_keeps(
     datagrams: &[Vec<u8>],
     filter: &ServiceFilter,
     share: Option<ReaderShare>,
+    events: FlowEvents,
 ) -> Vec<Vec<u8>> {
     datagrams
         .iter()
         .filter(|d| match Message::parse(d).unwrap() {
-            Message::Event(ev) => filter.to_service(&ev) && share.is_none_or(|s| s.owns(ev.id)),
+            Message::Event(ev) => {
+                filter.to_service(&ev)
+                    && share.is_none_or(|s| s.owns(ev.id))
+                    && (events == FlowEvents::All || tracker_may_use(&ev))
+            }
             _ => true,
         })
         .cloned()
@@ -225,9 +232,10 @@ fn assert_exactly_the_service_events(
     unfiltered: &[Vec<u8>],
     filtered: &[Vec<u8>],
     filter: &ServiceFilter,
+    events: FlowEvents,
     service_flows: usize,
 ) {
-    let want = userspace_keeps(unfiltered, filter, None);
+    let want = userspace_keeps(unfiltered, filter, None, events);
     assert!(
         want.len() < unfiltered.len(),
         "some events are not Service events"
@@ -242,24 +250,48 @@ fn assert_exactly_the_service_events(
 }
 
 /// With the filter for `services` minus `excluded`, a socket receives
-/// exactly the Service events an unfiltered one shows, all to `vip`.
+/// exactly the Service events an unfiltered one shows, all to `vip`; with
+/// [`FlowEvents::Used`], exactly those of them the tracker may use: every
+/// DESTROY, no NEW, and some but not all UPDATEs.
 fn filter_passes_exactly_the_service_events(services: &[&str], excluded: &[&str], vip: &str) {
     let (services, excluded) = (subnets(services), subnets(excluded));
-    let program = service_event_filter(&services, &excluded, None).unwrap();
-    let got = traffic(vec![None, Some(program)]);
+    let choices = [FlowEvents::All, FlowEvents::Used];
+    let programs = choices
+        .map(|events| Some(service_event_filter(&services, &excluded, None, events).unwrap()));
+    let got = traffic([&[None][..], &programs[..]].concat());
     let filter = ServiceFilter::new(services, excluded);
-    assert_exactly_the_service_events(
-        &got[0].datagrams,
-        &got[1].datagrams,
-        &filter,
-        SERVICE_FLOWS_PER_FAMILY,
-    );
-    for d in &got[1].datagrams {
-        let Ok(Message::Event(ev)) = Message::parse(d) else {
-            panic!("not an event: {d:?}");
-        };
-        assert_eq!(ev.orig.and_then(|t| t.dst), vip.parse().ok());
+    for (events, r) in choices.into_iter().zip(&got[1..]) {
+        assert_exactly_the_service_events(
+            &got[0].datagrams,
+            &r.datagrams,
+            &filter,
+            events,
+            SERVICE_FLOWS_PER_FAMILY,
+        );
+        for d in &r.datagrams {
+            let Ok(Message::Event(ev)) = Message::parse(d) else {
+                panic!("not an event: {d:?}");
+            };
+            assert_eq!(ev.orig.and_then(|t| t.dst), vip.parse().ok());
+        }
     }
+    let kinds = |r: &Received, kind: EventKind| {
+        r.datagrams
+            .iter()
+            .filter(|d| event_kind(d) == Some(kind))
+            .count()
+    };
+    let (all, used) = (&got[1], &got[2]);
+    assert_eq!(kinds(used, EventKind::New), 0, "no NEW shows a reply");
+    assert!(kinds(all, EventKind::New) >= SERVICE_FLOWS_PER_FAMILY);
+    let (all_updates, used_updates) = (
+        kinds(all, EventKind::Update),
+        kinds(used, EventKind::Update),
+    );
+    assert!(
+        0 < used_updates && used_updates < all_updates,
+        "{used_updates} of {all_updates} UPDATEs"
+    );
 }
 
 #[test]
@@ -294,7 +326,7 @@ fn two_reader_shares_split_the_service_flows() {
     let mut filters = vec![None];
     for share in shares {
         filters.push(Some(
-            service_event_filter(&services, &excluded, Some(share)).unwrap(),
+            service_event_filter(&services, &excluded, Some(share), FlowEvents::Used).unwrap(),
         ));
     }
     let got = traffic(filters);
@@ -303,7 +335,7 @@ fn two_reader_shares_split_the_service_flows() {
 
     // Each share gets exactly its flows' Service events...
     for (share, r) in shares.iter().zip(&got[1..]) {
-        let want = userspace_keeps(unfiltered, &filter, Some(*share));
+        let want = userspace_keeps(unfiltered, &filter, Some(*share), FlowEvents::Used);
         assert!(!want.is_empty(), "share {share:?} has flows");
         assert!(
             sorted(r.datagrams.clone()) == sorted(want),
@@ -334,5 +366,11 @@ fn two_reader_shares_split_the_service_flows() {
         .iter()
         .flat_map(|r| r.datagrams.iter().cloned())
         .collect();
-    assert_exactly_the_service_events(unfiltered, &union, &filter, 2 * SERVICE_FLOWS_PER_FAMILY);
+    assert_exactly_the_service_events(
+        unfiltered,
+        &union,
+        &filter,
+        FlowEvents::Used,
+        2 * SERVICE_FLOWS_PER_FAMILY,
+    );
 }

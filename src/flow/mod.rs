@@ -13,4 +13,4 @@ pub mod tracker;
 
 pub use crate::wire::bpf::ReaderShare;
 pub use subnet::Subnet;
-pub use tracker::{FlowTracker, KernelFiltered, ServiceFilter};
+pub use tracker::{tracker_may_use, FlowTracker, KernelFiltered, ServiceFilter};

@@ -96,6 +96,45 @@ impl ServiceFilter {
     }
 }
 
+/// Whether the tracker may draw an observation from `ev` (of a Service
+/// flow): the rule the kernel-side socket filter applies by default, so that
+/// the events it drops are ones [`FlowTracker::event`] would not use.
+///
+/// - Every DESTROY: it ends the flow and carries its counters and stamps.
+/// - No NEW or UPDATE without `SEEN_REPLY`: nothing is kept before a flow's
+///   first reply.
+/// - Every NEW with `SEEN_REPLY` (a merged re-send, see
+///   [`FlowTracker::event`]), and every UPDATE with `SEEN_REPLY` but not yet
+///   `ASSURED`: each may be the flow's first reply.
+/// - An UPDATE with both only in a closing TCP state: it may be the FIN.
+///
+/// Why an UPDATE after `ASSURED` is never a flow's first reply: the kernel
+/// sets `SEEN_REPLY` on the first packet of the reply direction, after the
+/// protocol's own handler has run for that packet, and TCP, UDP, SCTP, DCCP
+/// and GRE set `ASSURED` only on a packet that finds `SEEN_REPLY` already
+/// set: a later one. (The Go original took its non-TCP seen-reply moment
+/// from this very event: "SEEN_REPLY set and ASSURED not yet set".) An
+/// UPDATE the kernel re-sends merged with missed ones reaches this listener
+/// after the originals it did not miss; if it missed them, an overrun was
+/// reported and the flow is not measured anyway.
+///
+/// An event without a status is kept (the kernel always sends one; the
+/// reader judges what it cannot read).
+#[inline]
+pub fn tracker_may_use(ev: &CtEvent) -> bool {
+    let Some(status) = ev.status else {
+        return true;
+    };
+    match ev.kind {
+        EventKind::Destroy => true,
+        _ if !status.has(Status::SEEN_REPLY) => false,
+        EventKind::New => true,
+        EventKind::Update => {
+            !status.has(Status::ASSURED) || ev.tcp_state.is_some_and(TcpState::is_closing)
+        }
+    }
+}
+
 /// What the kernel-side socket filter already dropped before events reach
 /// the tracker; an event it should have dropped is counted as a miss.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -346,7 +385,19 @@ impl FlowTracker {
             }
             return;
         };
-        let mut flow = self.table.remove(key).unwrap_or_default();
+        let mut flow = self.table.remove(key).unwrap_or_else(|| {
+            // An answered flow with no entry, though it started after every
+            // loss this reader knows of: its reply event never came. The
+            // original counts a flow without its seen-reply event the same
+            // way.
+            if end
+                .span
+                .is_some_and(|(start, _)| start > self.loss_horizon_ns)
+            {
+                shard.count(Counter::EventsOrderErrors, 1);
+            }
+            FlowState::default()
+        });
         // A DESTROY comes when the entry is removed, which for an expired
         // flow is long after its last packet: it never sets the seen-reply
         // moment. A connection reset after it was answered is closed by its
@@ -962,6 +1013,26 @@ mod tests {
         assert_eq!(run.snap().count(Series::SeenReplyLatency), 1);
     }
 
+    /// A flow answered, ended, and no reply event of it ever came, though no
+    /// loss was reported: counted as an order error, as the original counts
+    /// a flow without its seen-reply event. Not so for a flow started
+    /// before the subscription, whose reply may have come before it.
+    #[test]
+    fn an_answered_flow_whose_reply_event_never_came_is_an_order_error() {
+        let run = Run::new();
+        let filtered = KernelFiltered::default();
+        let subscribed = T0 + 5 * MS;
+        let mut t = FlowTracker::for_reader(filter(), 16, ReaderShare::ALL, filtered, subscribed);
+        let ended = |id, t0| destroy(id, 6, Some(TcpState::TIME_WAIT), t0, t0 + 100 * MS);
+        run.feed(&mut t, &[ended(30, T0)]);
+        assert_eq!(run.snap().counter(Counter::EventsOrderErrors), 0);
+        run.feed(&mut t, &[ended(31, T0 + 10 * MS)]);
+        let s = run.snap();
+        assert_eq!(s.counter(Counter::EventsOrderErrors), 1);
+        assert_eq!(s.count(Series::SeenReplyLatency), 0);
+        assert_eq!(s.count(Series::Duration), 2, "its duration still counts");
+    }
+
     #[test]
     fn flows_started_before_the_subscription_are_not_measured() {
         let run = Run::new();
@@ -1165,6 +1236,58 @@ mod tests {
             assert_eq!(s.counter(Counter::EventsOrderErrors), 0, "{file}");
             assert_eq!(t.flows(), 0, "{file}: every flow ended");
         }
+    }
+
+    /// Every kernel capture replayed twice, with all its events and with
+    /// only those [`tracker_may_use`] keeps (what the socket filter passes by
+    /// default): the same observations, value for value.
+    #[test]
+    fn the_events_the_filter_drops_change_no_observation() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut dropped = 0;
+        for file in [
+            "tcp_dnat_ab.bin",
+            "tcp_dnat_ab_load_midstream.bin",
+            "tcp_dnat_refused.bin",
+            "udp_dnat_dns_load_midstream.bin",
+            "udp_dnat_vip53.bin",
+            "udp_unreplied_sink.bin",
+        ] {
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            let events: Vec<CtEvent> = capture::records(&bytes)
+                .map(|r| CtEvent::parse(r.unwrap()).unwrap())
+                .collect();
+            let used: Vec<CtEvent> = events.iter().copied().filter(tracker_may_use).collect();
+            dropped += events.len() - used.len();
+            // A capture that starts mid-traffic: flows started before its
+            // first event are not whole, as after a late subscription.
+            let first = events.iter().find_map(|e| e.timestamp_event).unwrap();
+            let snaps = [&events, &used].map(|events| {
+                let run = Run::new();
+                let services = ServiceFilter::new(vec!["10.96.0.0/16".parse().unwrap()], vec![]);
+                let mut t = FlowTracker::for_reader(
+                    services,
+                    1 << 16,
+                    ReaderShare::ALL,
+                    KernelFiltered::default(),
+                    first,
+                );
+                run.feed(&mut t, events);
+                (run.snap(), t.flows())
+            });
+            let [(a, a_flows), (b, b_flows)] = &snaps;
+            for series in Series::ALL {
+                assert_eq!(a.buckets(series), b.buckets(series), "{file} {series:?}");
+                assert_eq!(a.sum(series), b.sum(series), "{file} {series:?}");
+            }
+            for counter in Counter::ALL {
+                assert_eq!(a.counter(counter), b.counter(counter), "{file} {counter:?}");
+            }
+            assert_eq!(a_flows, b_flows, "{file}");
+        }
+        // The NEWs before the reply, and the UPDATEs after ASSURED in an
+        // open state (ESTABLISHED).
+        assert!(dropped > 600, "{dropped}");
     }
 
     #[test]

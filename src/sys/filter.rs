@@ -86,8 +86,8 @@ mod tests {
     use netlink_sys::{Socket, SocketAddr};
 
     use super::*;
-    use crate::flow::{ServiceFilter, Subnet};
-    use crate::wire::bpf::{listing, service_event_filter, ReaderShare, DROP, PASS};
+    use crate::flow::{tracker_may_use, ServiceFilter, Subnet};
+    use crate::wire::bpf::{listing, service_event_filter, FlowEvents, ReaderShare, DROP, PASS};
     use crate::wire::ctnetlink::{AF_INET, AF_INET6, CTA_ID, CTA_TUPLE_IP, CTA_TUPLE_ORIG};
     use crate::wire::encode::{control, encode, fixture_messages as fixtures, Builder, Form};
     use crate::wire::netlink::{NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN};
@@ -150,36 +150,47 @@ mod tests {
     }
 
     /// What userspace makes of `msg`: a conntrack event counts if it goes to
-    /// a Service and belongs to `share`; every other message is passed on.
-    fn userspace_keeps(msg: &[u8], filter: &ServiceFilter, share: Option<ReaderShare>) -> bool {
+    /// a Service, belongs to `share` and (with [`FlowEvents::Used`]) the
+    /// tracker may use it; every other message is passed on.
+    fn userspace_keeps(
+        msg: &[u8],
+        filter: &ServiceFilter,
+        share: Option<ReaderShare>,
+        events: FlowEvents,
+    ) -> bool {
         match Message::parse(msg).expect("well-formed message") {
-            Message::Event(ev) => filter.to_service(&ev) && share.is_none_or(|s| s.owns(ev.id)),
+            Message::Event(ev) => {
+                filter.to_service(&ev)
+                    && share.is_none_or(|s| s.owns(ev.id))
+                    && (events == FlowEvents::All || tracker_may_use(&ev))
+            }
             _ => true,
         }
     }
 
     /// Runs every message through the kernel with the filter for
-    /// (`services`, `excluded`, `share`) and checks each verdict against
-    /// userspace's. Returns how many passed.
+    /// (`services`, `excluded`, `share`, `events`) and checks each verdict
+    /// against userspace's. Returns how many passed.
     fn agree(
         messages: &[Vec<u8>],
         services: &[Subnet],
         excluded: &[Subnet],
         share: Option<ReaderShare>,
+        events: FlowEvents,
     ) -> usize {
-        let program = service_event_filter(services, excluded, share).unwrap();
+        let program = service_event_filter(services, excluded, share, events).unwrap();
         let lo = Loopback::new();
         lo.attach(&program);
         let filter = ServiceFilter::new(services.to_vec(), excluded.to_vec());
         let mut passed = 0;
         for (i, msg) in messages.iter().enumerate() {
             let kernel = lo.passes(msg);
-            let user = userspace_keeps(msg, &filter, share);
+            let user = userspace_keeps(msg, &filter, share, events);
             assert_eq!(
                 kernel,
                 user,
                 "message {i} ({:?}) with services {services:?}, excluded {excluded:?}, \
-                 share {share:?}\n{}",
+                 share {share:?}, {events:?}\n{}",
                 Message::parse(msg),
                 listing(&program)
             );
@@ -256,9 +267,24 @@ mod tests {
                 "10.200.1.2"
             };
             for kind in [EventKind::New, EventKind::Update, EventKind::Destroy] {
-                for _ in 0..3 {
+                // Before the reply, at it, after ASSURED in an open and in a
+                // closing TCP state, after ASSURED with no TCP state.
+                use crate::wire::TcpState as S;
+                let (reply, assured) = (Status::SEEN_REPLY, Status::SEEN_REPLY | Status::ASSURED);
+                for (extra, state) in [
+                    (0, Some(S::SYN_SENT)),
+                    (reply, Some(S::SYN_RECV)),
+                    (assured, Some(S::ESTABLISHED)),
+                    (assured, Some(S::FIN_WAIT)),
+                    (assured, Some(S::CLOSE)),
+                    (assured, Some(S::SYN_SENT2)),
+                    (assured, None),
+                ] {
                     id = id.wrapping_mul(2_654_435_761).wrapping_add(12_345);
-                    out.push(encode(&event(kind, id, src, dst), Form::default()));
+                    let mut ev = event(kind, id, src, dst);
+                    ev.status = ev.status.map(|s| Status(s.0 | extra));
+                    ev.tcp_state = state;
+                    out.push(encode(&ev, Form::default()));
                 }
             }
         }
@@ -340,16 +366,25 @@ mod tests {
         ];
         for (services, excluded) in cases {
             let (services, excluded) = (subnets(services), subnets(excluded));
-            let passed = agree(&messages, &services, &excluded, None);
-            let mut union = 0;
-            for share in [0, 1, 2].map(|i| ReaderShare::new(i, 3).ok()) {
-                union += agree(&messages, &services, &excluded, share);
+            for events in [FlowEvents::All, FlowEvents::Used] {
+                let passed = agree(&messages, &services, &excluded, None, events);
+                let mut union = 0;
+                for share in [0, 1, 2].map(|i| ReaderShare::new(i, 3).ok()) {
+                    union += agree(&messages, &services, &excluded, share, events);
+                }
+                assert_eq!(union, passed, "three shares split the passed events");
             }
-            assert_eq!(union, passed, "three shares split the passed events");
         }
         // The ClusterIP's events pass, the unreplied sink's do not.
-        let passed = agree(&messages, &subnets(&["10.96.0.0/16"]), &[], None);
+        let svc = subnets(&["10.96.0.0/16"]);
+        let passed = agree(&messages, &svc, &[], None, FlowEvents::All);
         assert_eq!(passed, 427 + 500 + 40 + 500 + 297);
+        // Of those, the tracker may use (counted from the captures' `.jsonl`
+        // decodings): per TCP flow SYN_RECV, FIN_WAIT, LAST_ACK, TIME_WAIT
+        // and DESTROY, not NEW or ESTABLISHED; per UDP flow the UPDATE and
+        // the DESTROY, not the NEW; of a refused connection the DESTROY.
+        let used = agree(&messages, &svc, &[], None, FlowEvents::Used);
+        assert_eq!(used, 305 + 350 + 20 + 349 + 198);
     }
 
     #[test]
@@ -371,24 +406,30 @@ mod tests {
         ];
         for (services, excluded) in cases {
             let (services, excluded) = (subnets(services), subnets(excluded));
-            agree(&messages, &services, &excluded, None);
-            for count in [1, 2, 3, 7] {
-                let mut union = 0;
-                for i in 0..count {
-                    union += agree(
-                        &messages,
-                        &services,
-                        &excluded,
-                        ReaderShare::new(i, count).ok(),
-                    );
+            for events in [FlowEvents::All, FlowEvents::Used] {
+                let passed = agree(&messages, &services, &excluded, None, events);
+                for count in [1, 2, 3, 7] {
+                    let mut union = 0;
+                    for i in 0..count {
+                        let share = ReaderShare::new(i, count).ok();
+                        union += agree(&messages, &services, &excluded, share, events);
+                    }
+                    // The 7 control messages reach every reader.
+                    assert_eq!(union, passed + 7 * (count as usize - 1));
                 }
-                // The 7 control messages reach every reader.
-                let passed = agree(&messages, &services, &excluded, None);
-                assert_eq!(union, passed + 7 * (count as usize - 1));
             }
         }
         // Control messages pass even with no Service subnet at all.
-        assert_eq!(agree(&messages, &[], &[], None), 7);
+        for events in [FlowEvents::All, FlowEvents::Used] {
+            assert_eq!(agree(&messages, &[], &[], None, events), 7);
+        }
+        // Of the events to 10.96.0.10, per kind and 7 variants, Used keeps
+        // the DESTROYs, the NEWs with a reply, and the UPDATEs with a reply
+        // but before ASSURED or in FIN_WAIT or CLOSE.
+        let one = subnets(&["10.96.0.10/32"]);
+        let all = agree(&messages, &one, &[], None, FlowEvents::All);
+        let used = agree(&messages, &one, &[], None, FlowEvents::Used);
+        assert_eq!((all, used), (7 + 3 * 7, 7 + 6 + 7 + 3));
     }
 
     #[test]
@@ -407,8 +448,13 @@ mod tests {
             services.push(Subnet::new(net.to_be_bytes().into(), len).unwrap());
         }
         let excluded = subnets(&["10.5.3.0/24", "fd00:96::2:0/112"]);
-        let program =
-            service_event_filter(&services, &excluded, ReaderShare::new(1, 2).ok()).unwrap();
+        let program = service_event_filter(
+            &services,
+            &excluded,
+            ReaderShare::new(1, 2).ok(),
+            FlowEvents::Used,
+        )
+        .unwrap();
         assert!(program.len() > 1000, "{}", program.len());
         let mut messages = synthetic();
         let mut id = 1u32;
@@ -426,11 +472,11 @@ mod tests {
             let ev = event(EventKind::New, id, src, &dst.to_string());
             messages.push(encode(&ev, Form::default()));
         }
-        let passed = agree(&messages, &services, &excluded, None);
+        let passed = agree(&messages, &services, &excluded, None, FlowEvents::All);
         assert!(passed >= 400, "{passed}");
         let mut union = 0;
         for share in [ReaderShare::new(0, 2).ok(), ReaderShare::new(1, 2).ok()] {
-            union += agree(&messages, &services, &excluded, share);
+            union += agree(&messages, &services, &excluded, share, FlowEvents::All);
         }
         assert_eq!(union, passed + 7, "control messages reach both readers");
     }
@@ -459,14 +505,15 @@ mod tests {
                 .chain(services.iter().enumerate().rev().take(3))
             {
                 for dst in [s.addr(), next(s.addr())] {
-                    let ev = event(EventKind::New, i as u32, src, &dst.to_string());
+                    let ev = event(EventKind::Destroy, i as u32, src, &dst.to_string());
                     messages.push(encode(&ev, Form::default()));
                 }
             }
             for share in [ReaderShare::new(0, 2).ok(), ReaderShare::new(1, 2).ok()] {
-                let program = service_event_filter(&services, &[], share).unwrap();
+                let program =
+                    service_event_filter(&services, &[], share, FlowEvents::Used).unwrap();
                 assert!(program.len() > 4000, "{}", program.len());
-                agree(&messages, &services, &[], share);
+                agree(&messages, &services, &[], share, FlowEvents::Used);
             }
         }
 
@@ -482,7 +529,8 @@ mod tests {
     /// with userspace, which drops or reports them, but never drops one.
     #[test]
     fn what_the_filter_cannot_read_it_passes() {
-        let program = service_event_filter(&subnets(&["10.96.0.0/16"]), &[], None).unwrap();
+        let program =
+            service_event_filter(&subnets(&["10.96.0.0/16"]), &[], None, FlowEvents::Used).unwrap();
         let lo = Loopback::new();
         lo.attach(&program);
         let outside = event(EventKind::New, 9, "10.200.1.2", "10.200.2.2");
@@ -527,6 +575,39 @@ mod tests {
             assert!(lo.passes(&msg), "{what}");
         }
 
+        // An event of a Service flow without a status, or with a status or
+        // TCP state of the wrong size: the filter cannot tell whether the
+        // tracker may use it.
+        let inside = event(EventKind::Update, 9, "10.200.1.2", "10.96.0.10");
+        assert!(!lo.passes(&encode(&inside, Form::default())), "no reply");
+        let mut no_status = inside;
+        no_status.status = None;
+        assert!(lo.passes(&encode(&no_status, Form::default())), "no status");
+        let mut assured = inside;
+        assured.status = Some(Status(Status::SEEN_REPLY | Status::ASSURED));
+        assured.tcp_state = Some(crate::wire::TcpState::ESTABLISHED);
+        let established = encode(&assured, Form::default());
+        assert!(!lo.passes(&established), "ESTABLISHED after ASSURED");
+        // The status's payload (be32 3 | 6) and the state's (one byte 3),
+        // each found once in the encoding, widened in place by one byte of
+        // the length field: the attribute claims more than it has.
+        for (what, kind, payload, len) in [
+            ("status of 5 bytes", 3u16, &[0u8, 0, 0, 6][..], 8u16),
+            ("TCP state of 2 bytes", 1, &[3u8][..], 5),
+        ] {
+            let mut msg = established.clone();
+            let at = msg
+                .windows(4 + payload.len())
+                .position(|w| {
+                    w[..2] == len.to_ne_bytes()
+                        && w[2..4] == kind.to_ne_bytes()
+                        && &w[4..] == payload
+                })
+                .unwrap_or_else(|| panic!("{what}: attribute not found"));
+            msg[at..at + 2].copy_from_slice(&(len + 1).to_ne_bytes());
+            assert!(lo.passes(&msg), "{what}");
+        }
+
         // With a share, an event without a readable id goes to reader 0.
         let inside = event(EventKind::New, 9, "10.200.1.2", "10.96.0.10");
         let mut no_id = inside;
@@ -536,6 +617,7 @@ mod tests {
                 &subnets(&["10.96.0.0/16"]),
                 &[],
                 ReaderShare::new(index, 2).ok(),
+                FlowEvents::All,
             )
             .unwrap();
             lo.attach(&program);

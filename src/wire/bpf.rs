@@ -1,16 +1,18 @@
 //! The kernel-side socket filter: a classic BPF program (`SO_ATTACH_FILTER`)
-//! that lets through only the conntrack events of Service flows, and
-//! optionally only one reader's share of those flows.
+//! that lets through only the conntrack events of Service flows, by default
+//! only those of their events the flow tracker may use, and optionally only
+//! one reader's share of those flows.
 //!
-//! Owns: the program's instructions and the rule it applies, which is the
-//! userspace rule ([`ServiceFilter::to_service`]: the ORIGINAL tuple's
-//! destination is in a Service subnet and in no excluded one) plus the share
-//! rule ([`ReaderShare::owns`]), and the limits of classic BPF
-//! (`BPF_MAXINSNS`, 8-bit conditional jumps).
-//! Never: drops a message userspace would count. Whatever the program cannot
-//! judge it passes whole: messages that are not conntrack events (errors,
-//! `NLMSG_DONE`, overrun notices, other subsystems), families other than IPv4
-//! and IPv6, events without a readable original destination. It never makes
+//! Owns: the program's instructions and the rules it applies, which are the
+//! userspace rules: [`ServiceFilter::to_service`] (the ORIGINAL tuple's
+//! destination is in a Service subnet and in no excluded one),
+//! [`tracker_may_use`] (with [`FlowEvents::Used`]) and [`ReaderShare::owns`];
+//! and the limits of classic BPF (`BPF_MAXINSNS`, 8-bit conditional jumps).
+//! Never: drops a message that userspace would measure from. Whatever the
+//! program cannot judge it passes whole: messages that are not conntrack
+//! events (errors, `NLMSG_DONE`, overrun notices, other subsystems), families
+//! other than IPv4 and IPv6, events without a readable original destination,
+//! status or TCP state. It never makes
 //! a syscall (attaching is `sys::filter`), and unlike the rest of `wire/` it
 //! allocates: the program is built once, at start.
 //!
@@ -37,7 +39,19 @@
 //!       per subnet, per 32-bit word the prefix covers:
 //!           ld M[i] ; (and #mask) ; jeq #word else next subnet ...  -> DROP / KEEP
 //!       DROP
-//! KEEP: PASS, or with a reader share:
+//! KEEP: with FlowEvents::Used (the rule of tracker_may_use):
+//!       ldh [4] ; jeq #DELETE -> SHARE                   every DESTROY
+//!       ld #20 ; ldx #3 ; ld [NLATTR] ; 0 -> SHARE       CTA_STATUS
+//!       tax ; ldh [x+0] ; jeq #8 else SHARE ; ld [x+4]
+//!       jset #SEEN_REPLY else DROP                       nothing before the reply
+//!       jset #ASSURED else SHARE                         may be the first reply
+//!       ldh [6] ; jset #CREATE|EXCL -> SHARE             a NEW (a merged re-send)
+//!       ld #20 ; ldx #4 ; ld [NLATTR] ; 0 -> DROP        CTA_PROTOINFO
+//!       ldx #1 ; ld [NLATTR_NEST] ; 0 -> DROP            CTA_PROTOINFO_TCP
+//!       ldx #1 ; ld [NLATTR_NEST] ; 0 -> DROP            CTA_PROTOINFO_TCP_STATE
+//!       tax ; ldh [x+0] ; jeq #5 else SHARE
+//!       ldb [x+4] ; jge #FIN_WAIT else DROP ; jgt #CLOSE -> DROP   a closing state
+//! SHARE: PASS, or with a reader share:
 //!       ld #20 ; ldx #12 ; ld [NLATTR] ; 0 -> reader 0     CTA_ID
 //!       tax ; ldh [x+0] ; jeq #8 else reader 0
 //!       ld [x+4] ; mod #count ; jeq #index -> PASS ; DROP
@@ -75,15 +89,17 @@ use std::fmt;
 use libc::sock_filter;
 
 use super::ctnetlink::{
-    AF_INET, AF_INET6, CTA_ID, CTA_IP_V4_DST, CTA_IP_V6_DST, CTA_TUPLE_IP, CTA_TUPLE_ORIG,
-    IPCTNL_MSG_CT_DELETE, IPCTNL_MSG_CT_NEW, NFGENMSG_LEN, NFNL_SUBSYS_CTNETLINK,
+    AF_INET, AF_INET6, CTA_ID, CTA_IP_V4_DST, CTA_IP_V6_DST, CTA_PROTOINFO, CTA_PROTOINFO_TCP,
+    CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TUPLE_IP, CTA_TUPLE_ORIG, IPCTNL_MSG_CT_DELETE,
+    IPCTNL_MSG_CT_NEW, NFGENMSG_LEN, NFNL_SUBSYS_CTNETLINK,
 };
-use super::netlink::NLMSG_HDRLEN;
+use super::netlink::{NLMSG_HDRLEN, NLM_F_CREATE, NLM_F_EXCL};
 use super::nla::NLA_HDRLEN;
+use super::{Status, TcpState};
 use crate::flow::Subnet;
 
 #[cfg(doc)]
-use crate::flow::ServiceFilter;
+use crate::flow::{tracker_may_use, ServiceFilter};
 
 /// The kernel's limit on a classic BPF program's length (`BPF_MAXINSNS`).
 pub const BPF_MAXINSNS: usize = 4096;
@@ -100,17 +116,18 @@ const CHUNK: usize = 240;
 /// At most this many IPv4 subnets fit in one program, all of one prefix
 /// length, with a reader share and no IPv6 subnet (each distinct prefix
 /// length costs two instructions more).
-pub const MAX_IPV4_SUBNETS: usize = 4003;
+pub const MAX_IPV4_SUBNETS: usize = 3967;
 /// At most this many IPv6 `/128` subnets fit in one program, with a reader
-/// share and no IPv4 subnet (of `/112` subnets 443 fit, of `/64` 999).
+/// share and no IPv4 subnet (of `/112` subnets 440 fit, of `/64` 990).
 ///
 /// The kernel also charges the program's translation to eBPF against
 /// `net.core.optmem_max` (`ENOMEM` when it is larger). With the 131072 of
 /// recent kernels every program up to these maximums attaches; with the
-/// 20480 of older ones, about 2,390 IPv4 subnets below 128.0.0.0, 1,200 at
-/// or above it (a comparison with such a constant takes two eBPF
-/// instructions), or 259 IPv6 `/128` subnets.
-pub const MAX_IPV6_SUBNETS: usize = 499;
+/// 20480 of older ones (set in a namespace here), one reader's program
+/// takes about 2,290 IPv4 subnets below 128.0.0.0, 1,150 at or above it (a
+/// comparison with such a constant takes two eBPF instructions), or 250
+/// IPv6 `/128` subnets.
+pub const MAX_IPV6_SUBNETS: usize = 495;
 
 /// Why no filter program was built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,16 +230,29 @@ impl ReaderShare {
     }
 }
 
+/// Which events of the flows it keeps a filter passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEvents {
+    /// Every event (`--no-socket-filter` with several readers, and
+    /// `--print-events`, which shows them all).
+    All,
+    /// Only the events the flow tracker may draw an observation from
+    /// ([`tracker_may_use`]): every DESTROY, and the NEW and UPDATE events
+    /// that can be a flow's first reply or first closing state.
+    Used,
+}
+
 /// Builds the socket filter that passes the events of flows to `services`
-/// (and to none of `excluded`), only `share`'s flows if given, and every
-/// message that is not a conntrack event. Subnets of both families may be
-/// mixed; order and duplicates do not matter. With no Service subnet of a
-/// family, the events of that family are all dropped, as userspace would
-/// ignore them.
+/// (and to none of `excluded`), only `share`'s flows if given, only the
+/// events `events` says, and every message that is not a conntrack event.
+/// Subnets of both families may be mixed; order and duplicates do not
+/// matter. With no Service subnet of a family, the events of that family are
+/// all dropped, as userspace would ignore them.
 pub fn service_event_filter(
     services: &[Subnet],
     excluded: &[Subnet],
     share: Option<ReaderShare>,
+    events: FlowEvents,
 ) -> Result<Vec<sock_filter>, FilterError> {
     let share = share.filter(|s| s.count > 1);
     let services = Lists::new(services);
@@ -237,9 +267,9 @@ pub fn service_event_filter(
 
     let mut a = Asm::default();
     let keep_label = a.label();
-    let keep = match share {
-        None => Verdict::Ret(PASS),
-        Some(_) => Verdict::Ja(keep_label),
+    let keep = match (share, events) {
+        (None, FlowEvents::All) => Verdict::Ret(PASS),
+        _ => Verdict::Ja(keep_label),
     };
 
     // Not a conntrack event, or too short to hold one: pass.
@@ -263,13 +293,7 @@ pub fn service_event_filter(
     a.bind(event);
 
     // CTA_TUPLE_ORIG at the top level, then CTA_TUPLE_IP inside it.
-    a.stmt(LD | IMM, (NLMSG_HDRLEN + NFGENMSG_LEN) as u32);
-    a.stmt(LDX | IMM, u32::from(CTA_TUPLE_ORIG));
-    a.stmt(LD | W | ABS, SKF_NLATTR);
-    a.ret_if(JEQ, 0, PASS);
-    a.stmt(LDX | IMM, u32::from(CTA_TUPLE_IP));
-    a.stmt(LD | W | ABS, SKF_NLATTR_NEST);
-    a.ret_if(JEQ, 0, PASS);
+    find_attribute(&mut a, &[CTA_TUPLE_ORIG, CTA_TUPLE_IP], PASS);
     a.stmt(MISC | TAX, 0);
 
     a.stmt(LD | B | ABS, NLMSG_HDRLEN as u32);
@@ -304,13 +328,15 @@ pub fn service_event_filter(
     match_v6(&mut a, &services.v6, keep);
     a.ret(DROP);
 
+    a.bind(keep_label);
+    if events == FlowEvents::Used {
+        let used = a.label();
+        used_events_only(&mut a, used);
+        a.bind(used);
+    }
     if let Some(share) = share {
-        a.bind(keep_label);
         let no_id = if share.index == 0 { PASS } else { DROP };
-        a.stmt(LD | IMM, (NLMSG_HDRLEN + NFGENMSG_LEN) as u32);
-        a.stmt(LDX | IMM, u32::from(CTA_ID));
-        a.stmt(LD | W | ABS, SKF_NLATTR);
-        a.ret_if(JEQ, 0, no_id);
+        find_attribute(&mut a, &[CTA_ID], no_id);
         a.stmt(MISC | TAX, 0);
         a.stmt(LD | H | IND, 0);
         a.ret_unless(JEQ, ldh_value(nla_len(4)), no_id);
@@ -318,6 +344,8 @@ pub fn service_event_filter(
         a.stmt(ALU | MOD | K, share.count);
         a.ret_if(JEQ, share.index, PASS);
         a.ret(DROP);
+    } else if matches!(keep, Verdict::Ja(_)) {
+        a.ret(PASS);
     }
 
     if a.ops.len() > BPF_MAXINSNS {
@@ -328,6 +356,69 @@ pub fn service_event_filter(
         });
     }
     a.finish()
+}
+
+/// The rule of [`tracker_may_use`], for an event of a kept flow: drops it or
+/// goes on at `used`. `A` and `X` are free. Whatever it cannot read (no
+/// status, an attribute of another size) goes on: userspace judges it.
+fn used_events_only(a: &mut Asm, used: usize) {
+    // Every DESTROY.
+    a.stmt(LD | H | ABS, 4);
+    a.jump(
+        JEQ,
+        ldh_value(ct_type(IPCTNL_MSG_CT_DELETE)),
+        To::Label(used),
+        To::Skip(0),
+    );
+    // A NEW or UPDATE without SEEN_REPLY: dropped.
+    a.stmt(LD | IMM, (NLMSG_HDRLEN + NFGENMSG_LEN) as u32);
+    a.stmt(LDX | IMM, u32::from(CTA_STATUS));
+    a.stmt(LD | W | ABS, SKF_NLATTR);
+    a.jump(JEQ, 0, To::Label(used), To::Skip(0));
+    a.stmt(MISC | TAX, 0);
+    a.stmt(LD | H | IND, 0);
+    a.jump(JEQ, ldh_value(nla_len(4)), To::Skip(0), To::Label(used));
+    a.stmt(LD | W | IND, NLA_HDRLEN as u32);
+    a.jump(JSET, Status::SEEN_REPLY, To::Skip(1), To::Skip(0));
+    a.ret(DROP);
+    // With it: a NEW, or an UPDATE before ASSURED, may be the first reply.
+    a.jump(JSET, Status::ASSURED, To::Skip(0), To::Label(used));
+    a.stmt(LD | H | ABS, 6);
+    a.jump(
+        JSET,
+        ldh_value(NLM_F_CREATE | NLM_F_EXCL),
+        To::Label(used),
+        To::Skip(0),
+    );
+    // An UPDATE after ASSURED: only in a closing TCP state (the FIN).
+    find_attribute(
+        a,
+        &[CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE],
+        DROP,
+    );
+    a.stmt(MISC | TAX, 0);
+    a.stmt(LD | H | IND, 0);
+    a.jump(JEQ, ldh_value(nla_len(1)), To::Skip(0), To::Label(used));
+    a.stmt(LD | B | IND, NLA_HDRLEN as u32);
+    a.ret_unless(JGE, u32::from(TcpState::FIN_WAIT.0), DROP);
+    a.ret_if(JGT, u32::from(TcpState::CLOSE.0), DROP);
+}
+
+/// Leaves in `A` the offset of the attribute at `path` (a top-level type,
+/// then a type inside it, and so on), each searched inside the one before;
+/// returns `missing` when one is not there.
+fn find_attribute(a: &mut Asm, path: &[u16], missing: u32) {
+    a.stmt(LD | IMM, (NLMSG_HDRLEN + NFGENMSG_LEN) as u32);
+    for (depth, &kind) in path.iter().enumerate() {
+        let search = if depth == 0 {
+            SKF_NLATTR
+        } else {
+            SKF_NLATTR_NEST
+        };
+        a.stmt(LDX | IMM, u32::from(kind));
+        a.stmt(LD | W | ABS, search);
+        a.ret_if(JEQ, 0, missing);
+    }
 }
 
 /// With `X` at `CTA_TUPLE_IP`: finds the destination attribute `kind` with a
@@ -474,6 +565,8 @@ const MOD: u16 = libc::BPF_MOD as u16;
 const JA: u16 = libc::BPF_JA as u16;
 const JEQ: u16 = libc::BPF_JEQ as u16;
 const JGE: u16 = libc::BPF_JGE as u16;
+const JGT: u16 = libc::BPF_JGT as u16;
+const JSET: u16 = libc::BPF_JSET as u16;
 const K: u16 = libc::BPF_K as u16;
 const TAX: u16 = libc::BPF_TAX as u16;
 const TXA: u16 = libc::BPF_TXA as u16;
@@ -670,7 +763,7 @@ mod tests {
         let services = subnets(&["10.96.0.0/16", "fd00:96::/112", "192.168.0.0/24"]);
         let excluded = subnets(&["10.96.200.0/24", "fd00:96::80/121"]);
         for share in [None, Some(ReaderShare::new(1, 3).unwrap())] {
-            let p = service_event_filter(&services, &excluded, share).unwrap();
+            let p = service_event_filter(&services, &excluded, share, FlowEvents::Used).unwrap();
             assert_eq!(p.last().unwrap().code, RET | K, "{}", listing(&p));
             for (i, f) in p.iter().enumerate() {
                 if f.code & 0x07 == JMP {
@@ -687,7 +780,8 @@ mod tests {
 
     #[test]
     fn the_shape_of_the_one_subnet_program() {
-        let p = service_event_filter(&subnets(&["10.96.0.0/16"]), &[], None).unwrap();
+        let p =
+            service_event_filter(&subnets(&["10.96.0.0/16"]), &[], None, FlowEvents::All).unwrap();
         // Prologue 22, IPv4 lookup 11, one group (txa, and, jeq, ja, ret),
         // DROP, IPv6 lookup 9, DROP.
         assert_eq!(p.len(), 22 + 11 + 5 + 1 + 9 + 1, "{}", listing(&p));
@@ -711,21 +805,23 @@ mod tests {
             .map(|i| Subnet::new((0x0a00_0000 + i).to_be_bytes().into(), 32).unwrap())
             .collect();
         let (fit, over) = v4.split_at(MAX_IPV4_SUBNETS);
-        let p = service_event_filter(fit, &[], share).unwrap();
+        let p = service_event_filter(fit, &[], share, FlowEvents::Used).unwrap();
         assert!(p.len() > BPF_MAXINSNS - 3, "{}", p.len());
-        let err = service_event_filter(&v4, &[], share).unwrap_err();
+        let err = service_event_filter(&v4, &[], share, FlowEvents::Used).unwrap_err();
         assert!(matches!(err, FilterError::TooLong { ipv4_subnets, .. }
             if ipv4_subnets == fit.len() + over.len()));
-        assert!(err.to_string().contains("at most 4003 IPv4"), "{err}");
+        assert!(err.to_string().contains("at most 3967 IPv4"), "{err}");
 
         let v6: Vec<Subnet> = (0..MAX_IPV6_SUBNETS as u128 + 1)
             .map(|i| {
                 Subnet::new((0xfd00u128 << 112 | i << 40 | 7).to_be_bytes().into(), 128).unwrap()
             })
             .collect();
-        assert!(service_event_filter(&v6[..MAX_IPV6_SUBNETS], &[], share).is_ok());
+        assert!(
+            service_event_filter(&v6[..MAX_IPV6_SUBNETS], &[], share, FlowEvents::Used).is_ok()
+        );
         assert!(matches!(
-            service_event_filter(&v6, &[], share),
+            service_event_filter(&v6, &[], share, FlowEvents::Used),
             Err(FilterError::TooLong { ipv6_subnets, .. }) if ipv6_subnets == v6.len()
         ));
     }
