@@ -8,10 +8,17 @@
 //! event is the floor no exporter on this socket setup can beat, and with zero
 //! overruns its count is the ground truth for the event count.
 //!
-//! Usage: `ct-count [DRAIN_DELAY_US]`. Like the exporter's `--drain-delay-us`
-//! (and with the same default), it waits that long after the socket becomes
-//! readable before draining it; 0 reads at once. (It parses nothing, so it
-//! cannot check for kernel event stamps as the exporter does: it always waits.)
+//! Usage: `ct-count [DRAIN_DELAY_US] [--service-filter SUBNETS]`. Like the
+//! exporter's `--drain-delay-us` (and with the same default), it waits that
+//! long after the socket becomes readable before draining it; 0 reads at
+//! once. (It parses nothing, so it cannot check for kernel event stamps as
+//! the exporter does: it always waits.)
+//!
+//! With `--service-filter` (comma-separated prefixes, as `--svc-subnet`) it
+//! attaches the exporter's default socket filter for those subnets: only the
+//! Service flows' events the tracker may use arrive. That is the floor for
+//! the exporter's userspace work on the very events it receives; without
+//! the flag, the floor reads every event, the ground truth for the count.
 //!
 //! On SIGTERM or SIGINT it prints one line `datagrams=N overruns=M` on stdout
 //! and exits 0. Needs root or `CAP_NET_ADMIN` in the network namespace.
@@ -26,9 +33,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use conntrack_metrics::config::{DEFAULT_DRAIN_DELAY_US, DEFAULT_RCVBUF_BYTES};
+use conntrack_metrics::flow::Subnet;
 use conntrack_metrics::reader::SLOT_BYTES;
 use conntrack_metrics::sys::signal;
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch, RecvError};
+use conntrack_metrics::wire::bpf::{service_event_filter, FlowEvents};
 
 /// Datagrams per `recvmmsg` call: the exporter's default `--recv-batch`.
 const BATCH: usize = 64;
@@ -41,18 +50,18 @@ fn main() -> ExitCode {
         let _ = writeln!(io::stderr(), "ct-count: cannot block signals: {e}");
         return ExitCode::FAILURE;
     }
-    let delay_us = match std::env::args().nth(1).map(|a| a.parse::<u64>()) {
-        None => DEFAULT_DRAIN_DELAY_US,
-        Some(Ok(us)) if us <= 100_000 => us,
-        Some(_) => {
+    let (delay_us, services) = match parse_args(std::env::args().skip(1)) {
+        Ok(parsed) => parsed,
+        Err(why) => {
             let _ = writeln!(
                 io::stderr(),
-                "usage: ct-count [DRAIN_DELAY_US (0..=100000)]"
+                "ct-count: {why}\nusage: ct-count [DRAIN_DELAY_US (0..=100000)] \
+                 [--service-filter PREFIX[,PREFIX...]]"
             );
             return ExitCode::from(2);
         }
     };
-    match run(std::time::Duration::from_micros(delay_us)) {
+    match run(std::time::Duration::from_micros(delay_us), &services) {
         Ok((datagrams, overruns)) => {
             let _ = writeln!(io::stdout(), "datagrams={datagrams} overruns={overruns}");
             ExitCode::SUCCESS
@@ -64,9 +73,41 @@ fn main() -> ExitCode {
     }
 }
 
+/// The drain delay and the `--service-filter` subnets (none: no filter).
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<(u64, Vec<Subnet>), String> {
+    let (mut delay_us, mut services) = (None, Vec::new());
+    while let Some(arg) = args.next() {
+        if arg == "--service-filter" {
+            let list = args.next().ok_or("--service-filter needs a value")?;
+            for prefix in list.split(',') {
+                services.push(
+                    prefix
+                        .parse::<Subnet>()
+                        .map_err(|e| format!("--service-filter: {e}"))?,
+                );
+            }
+        } else if delay_us.is_none() {
+            let us = arg
+                .parse::<u64>()
+                .ok()
+                .filter(|&us| us <= 100_000)
+                .ok_or_else(|| format!("not a drain delay of 0 to 100000 µs: '{arg}'"))?;
+            delay_us = Some(us);
+        } else {
+            return Err(format!("unexpected argument '{arg}'"));
+        }
+    }
+    Ok((delay_us.unwrap_or(DEFAULT_DRAIN_DELAY_US), services))
+}
+
 /// Counts until a stop signal; returns (datagrams, overruns).
-fn run(drain_delay: std::time::Duration) -> io::Result<(u64, u64)> {
+fn run(drain_delay: std::time::Duration, services: &[Subnet]) -> io::Result<(u64, u64)> {
     let socket = ConntrackSocket::open(EventGroups::ALL, DEFAULT_RCVBUF_BYTES)?;
+    if !services.is_empty() {
+        let program = service_event_filter(services, &[], None, FlowEvents::Used)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        socket.attach_filter(&program)?;
+    }
     let _ = writeln!(
         io::stderr(),
         "ct-count: subscribed, receive buffer {} bytes",
