@@ -64,7 +64,7 @@ step env SERVICES=2 CLIENTS=2 CONN_PER_CLIENT=300 CLIENT_CONCURRENCY=20 OUT="$sm
 step env SERVICES=2 CLIENTS=2 DURATION=2 OUT="$smoke/throughput" loadtest/throughput
 step env PROTO=udp MIX=50 FLOWS=40000 LISTENERS="none exporter exporter-nofilter exporter-mask exporter-readers2 floor" \
     OUT="$smoke/overhead-udp" loadtest/overhead
-step env PROTO=tcp FLOWS=6000 LISTENERS="none exporter exporter-tuned floor exporter+floor" OUT="$smoke/overhead-tcp" loadtest/overhead
+step env PROTO=tcp FLOWS=6000 LISTENERS="none exporter exporter-tuned floor exporter+floor+floor-filtered" OUT="$smoke/overhead-tcp" loadtest/overhead
 
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
