@@ -190,11 +190,15 @@ fn event_kind(datagram: &[u8]) -> Option<EventKind> {
     }
 }
 
-fn destroys(datagrams: &[Vec<u8>]) -> usize {
+fn of_kind(datagrams: &[Vec<u8>], kind: EventKind) -> usize {
     datagrams
         .iter()
-        .filter(|d| event_kind(d) == Some(EventKind::Destroy))
+        .filter(|d| event_kind(d) == Some(kind))
         .count()
+}
+
+fn destroys(datagrams: &[Vec<u8>]) -> usize {
+    of_kind(datagrams, EventKind::Destroy)
 }
 
 /// The datagrams userspace keeps: Service events of `share`'s flows (only
@@ -275,18 +279,12 @@ fn filter_passes_exactly_the_service_events(services: &[&str], excluded: &[&str]
             assert_eq!(ev.orig.and_then(|t| t.dst), vip.parse().ok());
         }
     }
-    let kinds = |r: &Received, kind: EventKind| {
-        r.datagrams
-            .iter()
-            .filter(|d| event_kind(d) == Some(kind))
-            .count()
-    };
-    let (all, used) = (&got[1], &got[2]);
-    assert_eq!(kinds(used, EventKind::New), 0, "no NEW shows a reply");
-    assert!(kinds(all, EventKind::New) >= SERVICE_FLOWS_PER_FAMILY);
+    let (all, used) = (&got[1].datagrams, &got[2].datagrams);
+    assert_eq!(of_kind(used, EventKind::New), 0, "no NEW shows a reply");
+    assert!(of_kind(all, EventKind::New) >= SERVICE_FLOWS_PER_FAMILY);
     let (all_updates, used_updates) = (
-        kinds(all, EventKind::Update),
-        kinds(used, EventKind::Update),
+        of_kind(all, EventKind::Update),
+        of_kind(used, EventKind::Update),
     );
     assert!(
         0 < used_updates && used_updates < all_updates,

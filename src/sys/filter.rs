@@ -588,9 +588,9 @@ mod tests {
         assured.tcp_state = Some(crate::wire::TcpState::ESTABLISHED);
         let established = encode(&assured, Form::default());
         assert!(!lo.passes(&established), "ESTABLISHED after ASSURED");
-        // The status's payload (be32 3 | 6) and the state's (one byte 3),
-        // each found once in the encoding, widened in place by one byte of
-        // the length field: the attribute claims more than it has.
+        // The status attribute (type 3, be32 SEEN_REPLY | ASSURED = 6) and
+        // the state's (type 1, one byte ESTABLISHED = 3), each found in the
+        // encoding and its length made one byte longer than its payload.
         for (what, kind, payload, len) in [
             ("status of 5 bytes", 3u16, &[0u8, 0, 0, 6][..], 8u16),
             ("TCP state of 2 bytes", 1, &[3u8][..], 5),

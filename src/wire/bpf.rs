@@ -344,7 +344,7 @@ pub fn service_event_filter(
         a.stmt(ALU | MOD | K, share.count);
         a.ret_if(JEQ, share.index, PASS);
         a.ret(DROP);
-    } else if matches!(keep, Verdict::Ja(_)) {
+    } else if events == FlowEvents::Used {
         a.ret(PASS);
     }
 

@@ -202,9 +202,10 @@ impl TcpState {
     }
 
     /// A state reached only after one side sent FIN (or the flow closed):
-    /// FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT or CLOSE.
+    /// FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT or CLOSE: the states from
+    /// FIN_WAIT to CLOSE (the socket filter tests the same range).
     pub fn is_closing(self) -> bool {
-        (4..=8).contains(&self.0)
+        (TcpState::FIN_WAIT.0..=TcpState::CLOSE.0).contains(&self.0)
     }
 }
 
