@@ -56,7 +56,7 @@ trap 'rm -rf "$log" "$smoke"' EXIT
 printf '\n==> cargo test --all-targets\n'
 cargo test --all-targets 2>&1 | tee "$log"
 
-# The load-test harnesses, small (about a minute in all), with the debug build
+# The load-test harnesses, small (about a minute and a half in all), with the debug build
 # (their figures are not the point here). Each exits non-zero when the
 # exporter's flow count differs from the nft counters or it overran.
 export EXPORTER=target/debug/conntrack-metrics FLOOR=target/debug/ct-count
@@ -65,6 +65,8 @@ step env SERVICES=2 CLIENTS=2 DURATION=2 OUT="$smoke/throughput" loadtest/throug
 step env PROTO=udp MIX=50 FLOWS=40000 LISTENERS="none exporter exporter-nofilter exporter-mask exporter-readers2 floor" \
     OUT="$smoke/overhead-udp" loadtest/overhead
 step env PROTO=tcp FLOWS=6000 LISTENERS="none exporter exporter-tuned floor exporter+floor+floor-filtered" OUT="$smoke/overhead-tcp" loadtest/overhead
+# The A/B harness, one build against itself (its figures mean nothing here).
+step env FLOWS=20000 ROUNDS=2 CANDIDATE=target/debug OUT="$smoke/compare" loadtest/compare target/debug
 
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
