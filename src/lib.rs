@@ -35,6 +35,7 @@
 pub mod config;
 pub mod expo;
 pub mod flow;
+pub mod offload;
 pub mod reader;
 pub mod stats;
 pub mod sys;

@@ -17,8 +17,9 @@ use mio::{Poll, Waker};
 use conntrack_metrics::config::{self, Config};
 use conntrack_metrics::expo::http::{Endpoint, Limits};
 use conntrack_metrics::expo::scrape::{Exposition, ScrapeOptions};
-use conntrack_metrics::flow::event_mask::{self, EventMask};
 use conntrack_metrics::flow::{FlowTracker, KernelFiltered, ReaderShare, ServiceFilter, Subnet};
+use conntrack_metrics::offload::bpf;
+use conntrack_metrics::offload::event_mask::{self, EventMask};
 use conntrack_metrics::reader::{
     self, ReaderOptions, FLOW_TABLE_CAPACITY, FLOW_TABLE_FLOWS, READER_DATAGRAMS, SLOT_BYTES,
 };
@@ -27,7 +28,6 @@ use conntrack_metrics::stats::ShardSet;
 use conntrack_metrics::sys::signal;
 use conntrack_metrics::sys::sysctl::{self, Outcome};
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch};
-use conntrack_metrics::wire::bpf;
 
 const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
 const RCVBUF: &str = "conntrack_monitoring_netlink_receive_buffer_bytes";

@@ -1,5 +1,5 @@
 //! End to end against the real kernel: the socket filter of
-//! `wire::bpf::service_event_filter`, attached to a conntrack socket in a
+//! `offload::bpf::service_event_filter`, attached to a conntrack socket in a
 //! virtual node's namespace, lets through exactly the events of Service
 //! flows (every one of them, and nothing else) for IPv4 and IPv6 Service
 //! subnets, or with `FlowEvents::Used` exactly those of them the flow tracker
@@ -15,10 +15,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use conntrack_metrics::flow::ReaderShare;
 use conntrack_metrics::flow::{tracker_may_use, ServiceFilter, Subnet};
+use conntrack_metrics::offload::bpf::{service_event_filter, FlowEvents};
 use conntrack_metrics::sys::filter::attach_filter;
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch, RecvError};
-use conntrack_metrics::wire::bpf::{service_event_filter, FlowEvents, ReaderShare};
 use conntrack_metrics::wire::{EventKind, Message};
 
 use common::netns::{kernel_tests_possible, VirtualNode};

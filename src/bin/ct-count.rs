@@ -34,10 +34,10 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use conntrack_metrics::config::{DEFAULT_DRAIN_DELAY_US, DEFAULT_RCVBUF_BYTES};
 use conntrack_metrics::flow::Subnet;
+use conntrack_metrics::offload::bpf::{service_event_filter, FlowEvents};
 use conntrack_metrics::reader::SLOT_BYTES;
 use conntrack_metrics::sys::signal;
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch, RecvError};
-use conntrack_metrics::wire::bpf::{service_event_filter, FlowEvents};
 
 /// Datagrams per `recvmmsg` call: the exporter's default `--recv-batch`.
 const BATCH: usize = 64;

@@ -6,11 +6,11 @@
 //! Never: allocates, locks, logs or makes a syscall per event; never grows
 //! with traffic.
 
-pub mod event_mask;
+pub mod share;
 pub mod subnet;
 pub mod table;
 pub mod tracker;
 
-pub use crate::wire::bpf::ReaderShare;
+pub use share::{BadShare, ReaderShare};
 pub use subnet::Subnet;
 pub use tracker::{tracker_may_use, FlowTracker, KernelFiltered, ServiceFilter};

@@ -46,13 +46,12 @@
 //! their own data and are always taken.
 
 use crate::stats::{Counter, Series, ShardWriter};
-use crate::wire::bpf::ReaderShare;
 use crate::wire::{Counters, CtEvent, EventKind, Status, TcpState};
 
 use std::net::IpAddr;
 
 use super::table::{FlowKey, FlowState, FlowTable, Inserted};
-use super::Subnet;
+use super::{ReaderShare, Subnet};
 
 /// `IPPROTO_TCP`.
 const TCP: u8 = 6;

@@ -83,7 +83,7 @@ impl ConntrackSocket {
         self.granted_rcvbuf
     }
 
-    /// Attaches a classic BPF socket filter (see `crate::wire::bpf`): the
+    /// Attaches a classic BPF socket filter (see `crate::offload::bpf`): the
     /// kernel runs it on each event before queueing it, so what it drops
     /// takes no receive-buffer space and causes no overrun.
     pub fn attach_filter(&self, program: &[libc::sock_filter]) -> io::Result<()> {

@@ -4,19 +4,14 @@
 //! ctnetlink conntrack events, and the typed errors for bytes that break it.
 //! Never: allocates, uses `unsafe`, panics on any input, or knows about flows,
 //! sockets or metrics. Every function here is safe to call on hostile bytes.
-//! The one exception is [`bpf`], which builds (allocating, once at start)
-//! the kernel-side socket filter that applies the same wire knowledge in the
-//! kernel, from the Service subnets.
 //!
 //! Layers, one file each: [`nla`] (attribute framing) <- [`netlink`] (message
 //! framing, control messages, the walk over a datagram) <- [`ctnetlink`]
 //! (conntrack attributes into [`CtEvent`]). [`capture`] reads the
-//! length-prefixed capture files under `tests/fixtures/`; [`bpf`] is the
-//! filter program.
+//! length-prefixed capture files under `tests/fixtures/`.
 
 use std::fmt;
 
-pub mod bpf;
 pub mod capture;
 pub mod ctnetlink;
 pub mod netlink;

@@ -32,7 +32,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::process::{Command, Stdio};
 
-use super::Subnet;
+use crate::flow::Subnet;
 
 /// The table's family and name.
 pub const TABLE: &str = "inet conntrack_metrics";

@@ -88,15 +88,15 @@ use std::fmt;
 
 use libc::sock_filter;
 
-use super::ctnetlink::{
+use crate::flow::{ReaderShare, Subnet};
+use crate::wire::ctnetlink::{
     AF_INET, AF_INET6, CTA_ID, CTA_IP_V4_DST, CTA_IP_V6_DST, CTA_PROTOINFO, CTA_PROTOINFO_TCP,
     CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TUPLE_IP, CTA_TUPLE_ORIG, IPCTNL_MSG_CT_DELETE,
     IPCTNL_MSG_CT_NEW, NFGENMSG_LEN, NFNL_SUBSYS_CTNETLINK,
 };
-use super::netlink::{NLMSG_HDRLEN, NLM_F_CREATE, NLM_F_EXCL};
-use super::nla::NLA_HDRLEN;
-use super::{Status, TcpState};
-use crate::flow::Subnet;
+use crate::wire::netlink::{NLMSG_HDRLEN, NLM_F_CREATE, NLM_F_EXCL};
+use crate::wire::nla::NLA_HDRLEN;
+use crate::wire::{Status, TcpState};
 
 #[cfg(doc)]
 use crate::flow::{tracker_may_use, ServiceFilter};
@@ -142,13 +142,6 @@ pub enum FilterError {
         /// Instructions the program would need.
         instructions: usize,
     },
-    /// A reader share whose index is not below its count, or a count of 0.
-    BadShare {
-        /// This reader's index.
-        index: u32,
-        /// How many readers share the flows.
-        count: u32,
-    },
     /// A conditional jump out of its 8-bit range: a bug in this module.
     JumpTooFar {
         /// The instruction's position.
@@ -173,11 +166,6 @@ impl fmt::Display for FilterError {
                  subnet 2 per 32-bit word of its prefix: at most {MAX_IPV4_SUBNETS} IPv4 \
                  subnets of one prefix length, or {MAX_IPV6_SUBNETS} IPv6 /128 subnets, fit"
             ),
-            FilterError::BadShare { index, count } => write!(
-                f,
-                "reader share {index} of {count}: the index must be below the count, \
-                 and the count at least 1"
-            ),
             FilterError::JumpTooFar { at, offset } => write!(
                 f,
                 "socket filter instruction {at} jumps {offset} ahead, beyond 255 (a bug)"
@@ -187,48 +175,6 @@ impl fmt::Display for FilterError {
 }
 
 impl std::error::Error for FilterError {}
-
-/// One reader's share of the flows when several readers split them: it keeps
-/// the flows whose conntrack id (`CTA_ID`) modulo `count` is `index`, so all
-/// events of one flow reach the same reader.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReaderShare {
-    index: u32,
-    count: u32,
-}
-
-impl ReaderShare {
-    /// The one reader: every flow.
-    pub const ALL: ReaderShare = ReaderShare { index: 0, count: 1 };
-
-    /// Reader `index` of `count` (`index < count`).
-    pub fn new(index: u32, count: u32) -> Result<ReaderShare, FilterError> {
-        if index < count {
-            Ok(ReaderShare { index, count })
-        } else {
-            Err(FilterError::BadShare { index, count })
-        }
-    }
-
-    /// This reader's index.
-    pub fn index(&self) -> u32 {
-        self.index
-    }
-
-    /// How many readers share the flows.
-    pub fn count(&self) -> u32 {
-        self.count
-    }
-
-    /// Whether an event whose conntrack id is `id` belongs to this reader.
-    /// An event without an id (the kernel always sends one) belongs to reader
-    /// 0, so that it still reaches exactly one reader.
-    #[inline]
-    pub fn owns(&self, id: Option<u32>) -> bool {
-        // One reader owns everything: no division on the per-event path.
-        self.count == 1 || id.unwrap_or(0) % self.count == self.index
-    }
-}
 
 /// Which events of the flows it keeps a filter passes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -254,7 +200,7 @@ pub fn service_event_filter(
     share: Option<ReaderShare>,
     events: FlowEvents,
 ) -> Result<Vec<sock_filter>, FilterError> {
-    let share = share.filter(|s| s.count > 1);
+    let share = share.filter(|s| s.count() > 1);
     let services = Lists::new(services);
     let mut excluded = Lists::new(excluded);
     // An excluded subnet only matters where a Service subnet could match.
@@ -335,14 +281,14 @@ pub fn service_event_filter(
         a.bind(used);
     }
     if let Some(share) = share {
-        let no_id = if share.index == 0 { PASS } else { DROP };
+        let no_id = if share.index() == 0 { PASS } else { DROP };
         find_attribute(&mut a, &[CTA_ID], no_id);
         a.stmt(MISC | TAX, 0);
         a.stmt(LD | H | IND, 0);
         a.ret_unless(JEQ, ldh_value(nla_len(4)), no_id);
         a.stmt(LD | W | IND, NLA_HDRLEN as u32);
-        a.stmt(ALU | MOD | K, share.count);
-        a.ret_if(JEQ, share.index, PASS);
+        a.stmt(ALU | MOD | K, share.count());
+        a.ret_if(JEQ, share.index(), PASS);
         a.ret(DROP);
     } else if events == FlowEvents::Used {
         a.ret(PASS);
@@ -824,18 +770,5 @@ mod tests {
             service_event_filter(&v6, &[], share, FlowEvents::Used),
             Err(FilterError::TooLong { ipv6_subnets, .. }) if ipv6_subnets == v6.len()
         ));
-    }
-
-    #[test]
-    fn shares_need_an_index_below_the_count() {
-        assert!(ReaderShare::new(0, 1).is_ok());
-        assert_eq!(
-            ReaderShare::new(2, 2),
-            Err(FilterError::BadShare { index: 2, count: 2 })
-        );
-        assert!(ReaderShare::new(0, 0).is_err());
-        let s = ReaderShare::new(1, 2).unwrap();
-        assert!(s.owns(Some(3)) && !s.owns(Some(4)) && !s.owns(None));
-        assert!(ReaderShare::new(0, 2).unwrap().owns(None));
     }
 }
