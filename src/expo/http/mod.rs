@@ -1,0 +1,192 @@
+//! The scrape endpoint: a small HTTP/1.x server for `/metrics`, `/healthz` and
+//! `/readyz`, run by the exporter thread on one `mio` poll.
+//!
+//! Owns: the listening socket, every client connection and its buffers, the
+//! parsing of request heads (httparse, zero-copy, borrowed from the connection's
+//! buffer), content negotiation (Prometheus text 0.0.4 or OpenMetrics 1.0.0,
+//! gzip or identity), and the limits that keep a hostile or broken client from
+//! hurting the exporter:
+//!
+//! - a request head is at most [`Limits::max_head_bytes`] (431, then close);
+//!   a malformed head gets 400, then close; a request body is never read (413,
+//!   then close); methods other than GET and HEAD get 405, then close;
+//! - the head must arrive within [`Limits::head_deadline`] of the accept (or of
+//!   the end of the previous response on a kept-alive connection): an idle
+//!   connection is then closed, a half-sent request gets 408, then close;
+//! - a response must be taken by the client within [`Limits::write_deadline`],
+//!   or the connection is dropped;
+//! - at most [`Limits::max_connections`] connections are served at once. When a
+//!   new one arrives at the cap, the connection that has waited longest for its
+//!   request head is evicted (idle sockets cannot lock scrapers out); when every
+//!   served connection is busy with a response, the newcomer gets 503 and close.
+//!   Connections on their way out (response sent, waiting for the client to
+//!   close) are counted apart, under the same cap; past both, a newcomer is
+//!   answered 503 on a best-effort write and closed at once.
+//!
+//! A connection that is closed after a response first shuts its write side and
+//! then discards what the client still sends until the client closes or the
+//! head deadline passes ("lingering close"): closing a socket with unread input
+//! makes the kernel send a reset, which can destroy the response before the
+//! client has read it.
+//!
+//! Every socket is non-blocking and edge-triggered; reads go on until
+//! `WouldBlock` and output is buffered per connection, so a client that stops
+//! reading only stalls itself. Timeouts come from the poll timeout (the nearest
+//! deadline), not from a timer thread.
+//!
+//! Never: runs on the per-event reader thread, blocks on a socket, starts a
+//! thread, keeps more than the head limit of a request, accepts a request
+//! body, or reads the shards itself: the caller's renderer does, once per
+//! `/metrics` request.
+//!
+//! The public items are [`Endpoint`], [`StopHandle`], [`Limits`] and
+//! [`Format`]. The code behind them sits in private modules whose arrows point
+//! one way, down this list: a module may use those below it, never one above.
+//!
+//! - `server`: the poll loop and the slab of connections (accept, dispatch,
+//!   eviction, deadlines, refusals beyond both caps);
+//! - `connection`: one client connection (its phases, buffers, budget and
+//!   deadline) and the [`Limits`] it is held to;
+//! - `response`: statuses, the bytes of a response, and the `Responder` that
+//!   renders and compresses a `/metrics` body;
+//! - `request`: parsing a request head and negotiating [`Format`] and gzip.
+
+mod connection;
+mod request;
+mod response;
+mod server;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use mio::net::TcpListener;
+use mio::{Interest, Poll, Waker};
+
+pub use connection::Limits;
+pub use request::Format;
+
+use response::Responder;
+use server::{Server, LISTENER, WAKER};
+
+/// The bound, not yet serving, scrape endpoint. [`Endpoint::run`] serves it on
+/// the calling thread.
+#[derive(Debug)]
+pub struct Endpoint {
+    poll: Poll,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    limits: Limits,
+    stop: Arc<AtomicBool>,
+    /// Kept as long as the poll: if the last handle dropped the waker while
+    /// its wake-up was still unread, closing its eventfd would take the
+    /// event out of the poll, and `run` would never see the stop.
+    _waker: Arc<Waker>,
+}
+
+/// Stops a running [`Endpoint`] from any thread.
+#[derive(Clone, Debug)]
+pub struct StopHandle {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl StopHandle {
+    /// Makes [`Endpoint::run`] return `Ok(())` promptly, closing every
+    /// connection. Stopping before `run` starts makes it return at once.
+    pub fn stop(&self) {
+        // Release pairs with the Acquire load in `Server::run`; the wake-up is
+        // what makes `run` look, the flag is what it finds.
+        self.stop.store(true, Ordering::Release);
+        // A failed wake-up (the eventfd is full) means one is already pending.
+        let _ = self.waker.wake();
+    }
+}
+
+impl Endpoint {
+    /// Binds the listening socket (with `SO_REUSEADDR`, and mio's listen
+    /// backlog of 128) and returns the endpoint and the handle that stops it.
+    /// Fails with `InvalidInput` when `max_connections` or `max_head_bytes` is
+    /// zero.
+    pub fn bind(addr: SocketAddr, limits: Limits) -> io::Result<(Endpoint, StopHandle)> {
+        if limits.max_connections == 0 || limits.max_head_bytes == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "max_connections and max_head_bytes must be at least 1",
+            ));
+        }
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(addr)?;
+        let local_addr = listener.local_addr()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = StopHandle {
+            stop: Arc::clone(&stop),
+            waker: Arc::clone(&waker),
+        };
+        let endpoint = Endpoint {
+            poll,
+            listener,
+            local_addr,
+            limits,
+            stop,
+            _waker: waker,
+        };
+        Ok((endpoint, handle))
+    }
+
+    /// The address the endpoint listens on (with the real port when bound to
+    /// port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until stopped. `render` appends the exposition body for the
+    /// format to the Vec (called once per `/metrics` request, GET or HEAD, on
+    /// this thread, with an empty Vec); `ready` answers `/readyz`.
+    ///
+    /// Returns `Ok(())` after [`StopHandle::stop`], or the error of the poll
+    /// itself; errors on single connections only close those.
+    pub fn run(
+        self,
+        render: &mut dyn FnMut(Format, &mut Vec<u8>),
+        ready: &dyn Fn() -> bool,
+    ) -> io::Result<()> {
+        // `_waker` stays in `self`, alive until this returns.
+        let Endpoint {
+            mut poll,
+            listener,
+            limits,
+            stop,
+            ..
+        } = self;
+        let mut responder = Responder::new(render, ready);
+        Server::new(limits).run(&mut poll, &listener, &stop, &mut responder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_checked_at_bind() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        for limits in [
+            Limits {
+                max_connections: 0,
+                ..Limits::default()
+            },
+            Limits {
+                max_head_bytes: 0,
+                ..Limits::default()
+            },
+        ] {
+            let err = Endpoint::bind(addr, limits).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
+    }
+}

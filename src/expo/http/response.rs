@@ -1,0 +1,239 @@
+//! Responses: their statuses, the bytes of a status line, headers and body, and
+//! the `Responder` that answers a parsed request (rendering a `/metrics` body
+//! in the negotiated format, gzipped when asked).
+//!
+//! Owns: the reusable body and gzip buffers, and every header the endpoint
+//! sends (`Content-Length` always; `Content-Encoding`, `Vary`, `Allow`,
+//! `Retry-After`, `Connection: close` when they apply).
+//!
+//! Never: touches a socket (responses are appended to a caller's `Vec`), or
+//! calls the renderer for anything but a GET or HEAD of `/metrics` without a
+//! request body.
+
+use std::io::Write;
+
+use flate2::write::GzEncoder;
+use flate2::Compression;
+
+use super::request::{Format, Method, Request, Route};
+
+/// Turns requests into responses; the buffers are reused across requests.
+pub(super) struct Responder<'r> {
+    render: &'r mut dyn FnMut(Format, &mut Vec<u8>),
+    ready: &'r dyn Fn() -> bool,
+    /// The rendered exposition body.
+    body: Vec<u8>,
+    /// `body` compressed.
+    gz: Vec<u8>,
+}
+
+impl<'r> Responder<'r> {
+    /// `render` appends a `/metrics` body in the given format; `ready`
+    /// answers `/readyz`.
+    pub(super) fn new(
+        render: &'r mut dyn FnMut(Format, &mut Vec<u8>),
+        ready: &'r dyn Fn() -> bool,
+    ) -> Self {
+        Responder {
+            render,
+            ready,
+            body: Vec::new(),
+            gz: Vec::new(),
+        }
+    }
+
+    /// Appends the response to `request` to `out`; returns whether the
+    /// connection is closed after it.
+    pub(super) fn respond(&mut self, request: &Request, out: &mut Vec<u8>) -> bool {
+        let head_only = request.method == Method::Head;
+        let close = !request.keep_alive;
+        match request.method {
+            Method::Other => {
+                write_reply(out, Status::MethodNotAllowed.plain(false, true));
+                return true;
+            }
+            Method::Get | Method::Head => {}
+        }
+        if request.has_body {
+            write_reply(out, Status::BodyRefused.plain(head_only, true));
+            return true;
+        }
+        let reply = match request.route {
+            Route::Metrics => {
+                self.body.clear();
+                (self.render)(request.format, &mut self.body);
+                let gzip = request.gzip && self.compress();
+                Reply {
+                    status: Status::Ok,
+                    content_type: request.format.content_type(),
+                    body: if gzip { &self.gz } else { &self.body },
+                    gzip,
+                    negotiated: true,
+                    head_only,
+                    close,
+                }
+            }
+            Route::Healthz => Status::Ok.plain(head_only, close),
+            Route::Readyz if (self.ready)() => Status::Ok.plain(head_only, close),
+            Route::Readyz => Status::NotReady.plain(head_only, close),
+            Route::NotFound => Status::NotFound.plain(head_only, close),
+        };
+        write_reply(out, reply);
+        close
+    }
+
+    /// Compresses `body` into `gz`; false if that failed (then the response
+    /// goes out uncompressed).
+    fn compress(&mut self) -> bool {
+        let mut gz = std::mem::take(&mut self.gz);
+        gz.clear();
+        // The fastest level: the exposition text compresses well anyway, and
+        // this thread also merges the shards for every scrape.
+        let mut encoder = GzEncoder::new(gz, Compression::fast());
+        if encoder.write_all(&self.body).is_err() {
+            return false;
+        }
+        match encoder.finish() {
+            Ok(gz) => {
+                self.gz = gz;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Status {
+    Ok,
+    BadRequest,
+    NotFound,
+    MethodNotAllowed,
+    Timeout,
+    BodyRefused,
+    HeadTooLarge,
+    NotReady,
+    Busy,
+}
+
+impl Status {
+    fn line(self) -> &'static str {
+        match self {
+            Status::Ok => "200 OK",
+            Status::BadRequest => "400 Bad Request",
+            Status::NotFound => "404 Not Found",
+            Status::MethodNotAllowed => "405 Method Not Allowed",
+            Status::Timeout => "408 Request Timeout",
+            Status::BodyRefused => "413 Content Too Large",
+            Status::HeadTooLarge => "431 Request Header Fields Too Large",
+            Status::NotReady | Status::Busy => "503 Service Unavailable",
+        }
+    }
+
+    /// The short text body of everything but `/metrics`.
+    fn text(self) -> &'static [u8] {
+        match self {
+            Status::Ok => b"ok\n",
+            Status::BadRequest => b"malformed request\n",
+            Status::NotFound => b"not found; the metrics are at /metrics\n",
+            Status::MethodNotAllowed => b"only GET and HEAD\n",
+            Status::Timeout => b"request head not received in time\n",
+            Status::BodyRefused => b"request bodies are not accepted\n",
+            Status::HeadTooLarge => b"request head too large\n",
+            Status::NotReady => b"not ready\n",
+            Status::Busy => b"too many connections\n",
+        }
+    }
+
+    pub(super) fn plain(self, head_only: bool, close: bool) -> Reply<'static> {
+        Reply {
+            status: self,
+            content_type: "text/plain; charset=utf-8",
+            body: self.text(),
+            gzip: false,
+            negotiated: false,
+            head_only,
+            close,
+        }
+    }
+}
+
+pub(super) struct Reply<'a> {
+    status: Status,
+    content_type: &'static str,
+    body: &'a [u8],
+    gzip: bool,
+    /// Content type and encoding depend on `Accept` and `Accept-Encoding`.
+    negotiated: bool,
+    /// A HEAD request: headers as for GET, no body.
+    head_only: bool,
+    close: bool,
+}
+
+/// Appends the response to `out`: always with `Content-Length`, always
+/// `HTTP/1.1` (which a 1.0 client accepts).
+pub(super) fn write_reply(out: &mut Vec<u8>, r: Reply<'_>) {
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
+        r.status.line(),
+        r.content_type,
+        r.body.len()
+    );
+    if r.gzip {
+        out.extend_from_slice(b"Content-Encoding: gzip\r\n");
+    }
+    if r.negotiated {
+        out.extend_from_slice(b"Vary: Accept, Accept-Encoding\r\n");
+    }
+    if r.status == Status::MethodNotAllowed {
+        out.extend_from_slice(b"Allow: GET, HEAD\r\n");
+    }
+    if r.status == Status::Busy {
+        out.extend_from_slice(b"Retry-After: 1\r\n");
+    }
+    if r.close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !r.head_only {
+        out.extend_from_slice(r.body);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_carry_length_and_head_has_no_body() {
+        let mut get = Vec::new();
+        write_reply(
+            &mut get,
+            Reply {
+                status: Status::Ok,
+                content_type: Format::OpenMetrics.content_type(),
+                body: b"# EOF\n",
+                gzip: true,
+                negotiated: true,
+                head_only: false,
+                close: false,
+            },
+        );
+        assert_eq!(
+            get,
+            b"HTTP/1.1 200 OK\r\n\
+              Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n\
+              Content-Length: 6\r\nContent-Encoding: gzip\r\nVary: Accept, Accept-Encoding\r\n\
+              \r\n# EOF\n"
+        );
+        let mut head = Vec::new();
+        write_reply(&mut head, Status::MethodNotAllowed.plain(true, true));
+        let text = String::from_utf8(head).unwrap();
+        assert!(text.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
+        assert!(text.contains("Content-Length: 18\r\n"));
+        assert!(text.contains("Allow: GET, HEAD\r\n"));
+        assert!(text.ends_with("Connection: close\r\n\r\n"));
+    }
+}
