@@ -5,12 +5,12 @@
 //! * `parse only (Datagram::next_into)`: every datagram walked with
 //!   `Datagram::next_into` into one reused `CtEvent` slot;
 //! * `parse + count + flow tracking + stats (the reader's per-event path)`:
-//!   what `conntrack_metrics::reader::run` does after `recvmmsg` returns,
-//!   through the same functions (`reader::begin_batch`,
-//!   `reader::handle_datagram`, `reader::end_batch`). Per batch of [`BATCH`] datagrams (the default
+//!   what a reader does after `recvmmsg` returns, through the same
+//!   functions (`EventPath::begin_batch`, `EventPath::datagram`,
+//!   `EventPath::end_batch`). Per batch of [`BATCH`] datagrams (the default
 //!   `--recv-batch`): `ShardWriter::set_time(Instant::now())`, the wall-clock
-//!   `received_ns`, `observe(Series::ReaderBatch, n)`, and the flow-table
-//!   gauge at the end. Per datagram: the truncation check. Per event: the
+//!   `received_ns`, `observe(Series::ReaderBatch, n)`, the datagram counter,
+//!   and the flow-table gauge at the end. Per datagram: the truncation check. Per event: the
 //!   event-kind counter, `FlowTracker::event`, and the counters for overrun
 //!   and malformed messages (none in this corpus). Left out: the
 //!   `--print-events` branch (off by default; one untaken branch per event).
@@ -31,9 +31,9 @@
 //! must stay below the capacity. It prints that size once and panics if the
 //! check fails.
 //!
-//! No global `metrics` recorder is installed, so the flow-table gauge is the
-//! facade's no-op handle here (once per batch; in the binary it is one atomic
-//! store).
+//! The registry's `metrics` recorder is installed as in the binary, so the
+//! datagram counter and flow-table gauge are the real atomics (once per
+//! batch each).
 //!
 //! Run: `cargo bench --bench pipeline` (figures in docs/benchmarks.md).
 
@@ -43,9 +43,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use conntrack_metrics::flow::{tracker_may_use, FlowTracker, ServiceFilter};
-use conntrack_metrics::reader::{self, FLOW_TABLE_FLOWS};
+use conntrack_metrics::reader::EventPath;
 use conntrack_metrics::stats::summary::SummaryWindow;
-use conntrack_metrics::stats::{Counter, Series, ShardSet, ShardWriter, Snapshot};
+use conntrack_metrics::stats::{Counter, Registry, Series, ShardSet, Snapshot};
 use conntrack_metrics::wire::{CtEvent, Datagram, EventKind, Message};
 
 #[path = "../tests/common/captures.rs"]
@@ -135,33 +135,19 @@ fn parse_only(datagrams: &[Slot], event: &mut CtEvent) {
 }
 
 /// One pass of the corpus through the reader's per-event path, in batches of
-/// [`BATCH`] datagrams as `reader::run` receives them. No `black_box` here:
+/// [`BATCH`] datagrams as a reader receives them. No `black_box` here:
 /// every event ends in the shard's atomics or the flow table, so nothing can
 /// be optimised away, and an opaque `black_box` per datagram would make the
 /// compiler reload the shard and table pointers (it cost 10-20 ns/event).
 #[inline(never)]
-fn reader_path(
-    datagrams: &[Slot],
-    event: &mut CtEvent,
-    shard: &mut ShardWriter<'_>,
-    flows: &mut FlowTracker,
-) {
-    let flows_gauge = metrics::gauge!(FLOW_TABLE_FLOWS);
+fn reader_path(datagrams: &[Slot], path: &mut EventPath<'_>) {
     for batch in datagrams.chunks(BATCH) {
         // Exactly the reader's code, after recvmmsg returns.
-        let received_ns = reader::begin_batch(shard, batch.len());
+        let received_ns = path.begin_batch(batch.len());
         for dg in batch {
-            let _ = reader::handle_datagram(
-                &dg.bytes,
-                dg.truncated,
-                received_ns,
-                event,
-                shard,
-                flows,
-                &mut None,
-            );
+            let _ = path.datagram(&dg.bytes, dg.truncated, received_ns);
         }
-        reader::end_batch(shard, flows, &flows_gauge);
+        let _ = path.end_batch();
     }
 }
 
@@ -178,25 +164,24 @@ fn check_bounded(datagrams: &[Slot], events: u64) {
     const WARM_UP: usize = 3;
     const MORE: usize = 50;
     let set = ShardSet::new(1, SummaryWindow::from_minutes(10));
-    let mut flows = tracker();
-    let mut event = CtEvent::empty(EventKind::New, 0);
-    let mut shard = set.writer(0).unwrap();
+    let mut path = EventPath::new(0, set.writer(0).unwrap(), tracker(), false);
     for _ in 0..WARM_UP {
-        reader_path(datagrams, &mut event, &mut shard, &mut flows);
+        reader_path(datagrams, &mut path);
     }
-    let after_warm_up = flows.flows();
+    let after_warm_up = path.tracker().flows();
     for _ in 0..MORE {
-        reader_path(datagrams, &mut event, &mut shard, &mut flows);
+        reader_path(datagrams, &mut path);
     }
-    drop(shard);
-    let after_more = flows.flows();
+    let after_more = path.tracker().flows();
+    let capacity = path.tracker().capacity();
+    drop(path);
     let s = snapshot(&set);
     let passes = (WARM_UP + MORE) as u64;
     assert_eq!(
         after_more, after_warm_up,
         "the flow table grew while replaying the corpus"
     );
-    assert!(after_more < flows.capacity());
+    assert!(after_more < capacity);
     assert_eq!(s.counter(Counter::FlowsEvicted), 0, "no flow evicted");
     let counted = s.counter(Counter::EventsNew)
         + s.counter(Counter::EventsUpdate)
@@ -210,7 +195,7 @@ fn check_bounded(datagrams: &[Slot], events: u64) {
          {} durations, {} seen-reply and {} FIN latencies observed",
         datagrams.len(),
         WARM_UP + MORE,
-        flows.capacity(),
+        capacity,
         s.count(Series::Duration) / passes,
         s.count(Series::SeenReplyLatency) / passes,
         s.count(Series::FinLatency) / passes,
@@ -218,6 +203,9 @@ fn check_bounded(datagrams: &[Slot], events: u64) {
 }
 
 fn pipeline(c: &mut Criterion) {
+    // The binary's recorder: the reader's self-metric handles are real.
+    let registry = Registry::new(ShardSet::new(1, SummaryWindow::from_minutes(1)));
+    let _ = metrics::set_global_recorder(registry.recorder());
     let (all, all_events) = corpus();
     let (used, used_events) = filtered(&all);
     for (group, datagrams, events) in [
@@ -237,14 +225,13 @@ fn bench_group(c: &mut Criterion, group: &str, datagrams: &[Slot], events: u64) 
         b.iter(|| parse_only(datagrams, &mut event))
     });
     let set = ShardSet::new(1, SummaryWindow::from_minutes(10));
-    let mut shard = set.writer(0).unwrap();
-    let mut flows = tracker();
+    let mut path = EventPath::new(0, set.writer(0).unwrap(), tracker(), false);
     g.bench_function(
         "parse + count + flow tracking + stats (the reader's per-event path)",
-        |b| b.iter(|| reader_path(datagrams, &mut event, &mut shard, &mut flows)),
+        |b| b.iter(|| reader_path(datagrams, &mut path)),
     );
     g.finish();
-    black_box(flows.flows());
+    black_box(path.tracker().flows());
 }
 
 criterion_group! {

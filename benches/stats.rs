@@ -15,7 +15,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use conntrack_metrics::expo::http::Format;
 use conntrack_metrics::expo::scrape::{Exposition, ScrapeOptions};
 use conntrack_metrics::stats::summary::SummaryWindow;
-use conntrack_metrics::stats::{Counter, Series, ShardSet, ShardWriter};
+use conntrack_metrics::stats::{Counter, Registry, Series, ShardSet, ShardWriter};
 
 const BATCH: usize = 1024;
 
@@ -108,7 +108,11 @@ fn observe(c: &mut Criterion) {
 
 fn scrape(c: &mut Criterion) {
     let values = latencies();
-    let set = Arc::new(ShardSet::new(16, SummaryWindow::from_minutes(10)));
+    let registry = Arc::new(Registry::new(ShardSet::new(
+        16,
+        SummaryWindow::from_minutes(10),
+    )));
+    let set = registry.shards();
     for i in 0..16 {
         let mut w = set.writer(i).unwrap();
         for s in Series::ALL {
@@ -125,7 +129,7 @@ fn scrape(c: &mut Criterion) {
         node: "node-1".into(),
         legacy_names: false,
     };
-    let mut exposition = Exposition::new(Arc::clone(&set), options, None);
+    let mut exposition = Exposition::new(Arc::clone(&registry), options);
     let mut out = Vec::with_capacity(64 << 10);
     let mut g = c.benchmark_group("scrape");
     g.bench_function("merge 16 shards + render (Prometheus text)", |b| {

@@ -32,6 +32,17 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+/// One line on stderr, prefixed with the program's name. A closed or full
+/// stderr must not stop the exporter, so write errors are ignored
+/// (`eprintln!` would panic on them). Never used per event.
+#[macro_export]
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "conntrack-metrics: {}", format_args!($($arg)*));
+    }};
+}
+
 pub mod config;
 pub mod expo;
 pub mod flow;

@@ -1,45 +1,31 @@
-//! conntrack-metrics binary: flags -> [`Config`] -> the reader thread and the
-//! exporter thread.
+//! conntrack-metrics binary: flags -> [`Config`] -> the reader threads and
+//! the exporter thread, as a list of named steps.
 //!
 //! Order matters: the netlink subscription is made before the HTTP endpoint
-//! listens, so no scrape can happen before events are being read.
+//! listens, so no scrape can happen before events are being read; and all
+//! memory is allocated before a reader starts.
 
 use std::io;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-use mio::{Poll, Waker};
-
-use conntrack_metrics::config::{self, Config};
-use conntrack_metrics::expo::http::{Endpoint, Limits};
+use conntrack_metrics::config::Config;
+use conntrack_metrics::expo::http::{Endpoint, Limits, StopHandle};
 use conntrack_metrics::expo::scrape::{Exposition, ScrapeOptions};
-use conntrack_metrics::flow::{FlowTracker, KernelFiltered, ReaderShare, ServiceFilter, Subnet};
-use conntrack_metrics::offload::bpf;
+use conntrack_metrics::flow::{FlowTracker, KernelFiltered, ReaderShare, ServiceFilter};
+use conntrack_metrics::log;
 use conntrack_metrics::offload::event_mask::{self, EventMask};
-use conntrack_metrics::reader::{
-    self, ReaderOptions, FLOW_TABLE_CAPACITY, FLOW_TABLE_FLOWS, READER_DATAGRAMS, SLOT_BYTES,
-};
+use conntrack_metrics::offload::socket_filter::SocketFilters;
+use conntrack_metrics::reader::threads::{self, ReaderPlan, Readers};
+use conntrack_metrics::reader::{wall_clock_ns, ReaderOptions};
+use conntrack_metrics::stats::self_metrics::{RECEIVE_BUFFER, SCRAPE_DURATION};
 use conntrack_metrics::stats::summary::SummaryWindow;
-use conntrack_metrics::stats::ShardSet;
+use conntrack_metrics::stats::{Registry, ShardSet};
 use conntrack_metrics::sys::signal;
 use conntrack_metrics::sys::sysctl::{self, Outcome};
-use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch};
-
-const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
-const RCVBUF: &str = "conntrack_monitoring_netlink_receive_buffer_bytes";
-
-/// A line on stderr. A closed or full stderr must not stop the exporter, so
-/// write errors are ignored (`eprintln!` would panic on them).
-macro_rules! log {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), "conntrack-metrics: {}", format_args!($($arg)*));
-    }};
-}
+use conntrack_metrics::sys::{ConntrackSocket, EventGroups};
 
 fn main() -> ExitCode {
     // Before any thread starts, so that every thread inherits the mask and
@@ -49,7 +35,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let config = Config::parse_args();
-    match run(config) {
+    match run(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log!("{e}");
@@ -58,40 +44,54 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> io::Result<()> {
-    let recorder = PrometheusBuilder::new()
-        .add_global_label("node", config.node_name.clone())
-        .set_buckets_for_metric(
-            Matcher::Full(SCRAPE_DURATION.into()),
-            &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25],
-        )
-        .map_err(|e| io::Error::other(e.to_string()))?
-        .build_recorder();
-    let facade = recorder.handle();
-    metrics::set_global_recorder(recorder).map_err(|e| io::Error::other(e.to_string()))?;
-    metrics::describe_gauge!(
-        RCVBUF,
-        metrics::Unit::Bytes,
-        "Receive buffer the kernel granted the netlink socket"
-    );
-    metrics::describe_gauge!(
-        FLOW_TABLE_FLOWS,
-        "Service flows being tracked between their NEW and DESTROY, by event reader"
-    );
-    metrics::describe_gauge!(
-        FLOW_TABLE_CAPACITY,
-        "Flows each reader's flow table holds before it evicts the oldest (--max-flows / --readers)"
-    );
-    metrics::describe_counter!(
-        READER_DATAGRAMS,
-        "Netlink datagrams each event reader received (each a conntrack event or a control message)"
-    );
-    metrics::describe_histogram!(
-        SCRAPE_DURATION,
-        metrics::Unit::Seconds,
-        "Time to merge the shards and render one scrape"
-    );
+fn run(config: &Config) -> io::Result<()> {
+    let registry = metrics_registry(config)?;
+    conntrack_sysctls(config)?;
+    let event_mask = event_mask(config)?;
+    let (sockets, kernel_filtered) = subscribe(config)?;
+    let (endpoint, endpoint_stop) = listen(config)?;
+    let plans = reader_plans(config, sockets, kernel_filtered);
+    let (polls, readers_stop) = threads::polls(plans.len())?;
+    let stop_all = {
+        let readers_stop = readers_stop.clone();
+        move || {
+            readers_stop.stop();
+            endpoint_stop.stop();
+        }
+    };
+    stop_on_signals(stop_all.clone())?;
+    let options = reader_options(config);
+    let readers = Readers::start(
+        &registry,
+        plans,
+        polls,
+        options,
+        &readers_stop,
+        stop_all.clone(),
+    )?;
+    let served = serve(config, registry, endpoint, &readers);
+    // The endpoint only stops when a reader has stopped, or all are stopping.
+    stop_all();
+    let outcome = served.and(readers.join());
+    remove_event_mask(event_mask);
+    outcome
+}
 
+/// The one registry: the shards the readers write (one per reader at
+/// least), and the self-metrics, with the `metrics` facade's recorder
+/// writing into it.
+fn metrics_registry(config: &Config) -> io::Result<Arc<Registry>> {
+    let window = SummaryWindow::from_minutes(config.summary_timeout.into());
+    let shards = ShardSet::new(config.stats_shards.max(config.readers), window);
+    let registry = Arc::new(Registry::new(shards));
+    metrics::set_global_recorder(registry.recorder())
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(registry)
+}
+
+/// `nf_conntrack_acct` and `nf_conntrack_timestamp` on (or, with
+/// `--no-sysctl`, only checked).
+fn conntrack_sysctls(config: &Config) -> io::Result<()> {
     let sysctls = Path::new("/proc/sys/net/netfilter");
     match sysctl::enable(sysctls, !config.no_sysctl) {
         Ok(outcomes) => {
@@ -105,13 +105,20 @@ fn run(config: Config) -> io::Result<()> {
                     Outcome::AlreadyOn(_) => {}
                 }
             }
+            Ok(())
         }
-        Err(e) if config.no_sysctl => log!("warning: {e}"),
-        Err(e) => return Err(e),
+        Err(e) if config.no_sysctl => {
+            log!("warning: {e}");
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
+}
 
-    // The event mask first: flows created from here on carry it.
-    let event_mask = if config.event_mask {
+/// With `--event-mask`, the nftables table (flows created from here on
+/// carry it); without, a table an earlier, killed run left is removed.
+fn event_mask(config: &Config) -> io::Result<Option<EventMask>> {
+    if config.event_mask {
         let mask = EventMask::install(&config.svc_subnets, &config.exclude_subnets)
             .map_err(io::Error::other)?;
         log!(
@@ -119,27 +126,42 @@ fn run(config: Config) -> io::Result<()> {
              the service subnets (for ANY listener on this node)",
             event_mask::TABLE
         );
-        Some(mask)
-    } else {
-        match event_mask::remove_stale() {
-            Ok(true) => log!(
-                "removed table {} left by an earlier run (no --event-mask now)",
-                event_mask::TABLE
-            ),
-            Ok(false) => {}
+        return Ok(Some(mask));
+    }
+    match event_mask::remove_stale() {
+        Ok(true) => log!(
+            "removed table {} left by an earlier run (no --event-mask now)",
+            event_mask::TABLE
+        ),
+        Ok(false) => {}
+        Err(e) => log!("warning: {e}"),
+    }
+    Ok(None)
+}
+
+/// Removes the `--event-mask` table, if one was set.
+fn remove_event_mask(mask: Option<EventMask>) {
+    if let Some(mask) = mask {
+        match mask.remove() {
+            Ok(()) => log!("--event-mask: table {} removed", event_mask::TABLE),
             Err(e) => log!("warning: {e}"),
         }
-        None
-    };
+    }
+}
 
+/// One socket per reader, subscribed to the conntrack groups, its buffer
+/// enlarged and its kernel filter attached. With one reader a filter that
+/// cannot be attached is left out (userspace applies the same rules); with
+/// several it is an error, since the filter splits the flows.
+fn subscribe(config: &Config) -> io::Result<(Vec<(ConntrackSocket, ReaderShare)>, KernelFiltered)> {
     let readers = config.readers;
-    let cpus = reader_cpus(&config.reader_cpu, readers);
-    let window = SummaryWindow::from_minutes(config.summary_timeout.into());
-    let shards = Arc::new(ShardSet::new(config.stats_shards.max(readers), window));
-    let mut kernel_filtered = KernelFiltered {
-        non_service: !config.no_socket_filter,
-        other_shares: readers > 1,
-    };
+    let mut filters = SocketFilters::new(
+        &config.svc_subnets,
+        &config.exclude_subnets,
+        readers as u32,
+        !config.no_socket_filter,
+        config.print_events,
+    );
     let mut sockets = Vec::with_capacity(readers);
     for index in 0..readers {
         let socket = ConntrackSocket::open(EventGroups::ALL, config.rcvbuf_bytes).map_err(|e| {
@@ -152,215 +174,118 @@ fn run(config: Config) -> io::Result<()> {
             )
         })?;
         let share = ReaderShare::new(index as u32, readers as u32).map_err(io::Error::other)?;
-        if kernel_filtered.non_service || kernel_filtered.other_shares {
-            // Without --no-socket-filter, only Service flows pass; with it
-            // (and several readers), every flow of this reader's share.
-            let everything = [Subnet::ALL_V4, Subnet::ALL_V6];
-            let (services, excluded): (&[Subnet], &[Subnet]) = if kernel_filtered.non_service {
-                (&config.svc_subnets, &config.exclude_subnets)
-            } else {
-                (&everything, &[])
-            };
-            // The Service filter also keeps out the events the tracker cannot
-            // use, unless every event is to be printed.
-            let events = if kernel_filtered.non_service && !config.print_events {
-                bpf::FlowEvents::Used
-            } else {
-                bpf::FlowEvents::All
-            };
-            let attached = bpf::service_event_filter(services, excluded, Some(share), events)
-                .map_err(|e| io::Error::other(e.to_string()))
-                .and_then(|program| socket.attach_filter(&program));
-            match attached {
-                Ok(()) => {}
-                // One reader is right without the filter, only costlier: the
-                // same tests run in userspace.
-                Err(e) if readers == 1 => {
-                    log!(
-                        "warning: kernel socket filter not attached ({e}); every event \
-                         reaches the reader and is filtered there"
-                    );
-                    kernel_filtered.non_service = false;
-                }
-                Err(e) => {
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!(
-                            "cannot attach the kernel socket filter that splits the flows \
-                             between --readers: {e}"
-                        ),
-                    ))
-                }
+        match filters.attach(&socket, share) {
+            Ok(()) => {}
+            Err(e) if readers == 1 => {
+                log!(
+                    "warning: kernel socket filter not attached ({e}); every event \
+                     reaches the reader and is filtered there"
+                );
+                filters.without_services();
             }
-        }
-        if index == 0 {
-            log!(
-                "subscribed to conntrack NEW/UPDATE/DESTROY with {readers} reader(s), \
-                 receive buffer {} bytes each, kernel filter: {}",
-                socket.granted_rcvbuf(),
-                match (kernel_filtered.non_service, readers > 1) {
-                    (true, false) => "service flows".to_string(),
-                    (true, true) => format!("service flows, 1/{readers} of them per reader"),
-                    (false, true) => format!("1/{readers} of all flows per reader"),
-                    (false, false) => "none (--no-socket-filter)".to_string(),
-                }
-            );
-            metrics::gauge!(RCVBUF).set(socket.granted_rcvbuf() as f64);
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot attach the kernel socket filter that splits the flows \
+                         between --readers: {e}"
+                    ),
+                ))
+            }
         }
         sockets.push((socket, share));
     }
+    let granted = sockets.first().map_or(0, |(s, _)| s.granted_rcvbuf());
+    log!(
+        "subscribed to conntrack NEW/UPDATE/DESTROY with {readers} reader(s), receive \
+         buffer {granted} bytes each, kernel filter: {}",
+        filters.describe()
+    );
+    metrics::gauge!(RECEIVE_BUFFER).set(granted as f64);
+    Ok((sockets, filters.kernel_filtered()))
+}
 
-    let (endpoint, stop) =
-        Endpoint::bind(config.metrics_bind_address, Limits::default()).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot listen on {}: {e}", config.metrics_bind_address),
-            )
-        })?;
+/// The HTTP listener, bound before any reader starts.
+fn listen(config: &Config) -> io::Result<(Endpoint, StopHandle)> {
+    let address = config.metrics_bind_address;
+    Endpoint::bind(address, Limits::default())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {address}: {e}")))
+}
 
-    // Each reader drains events queued since its subscription; /readyz says
-    // 503 until every reader's loop runs. If one stops, it stops the others
-    // and the endpoint.
-    let stopping = Arc::new(AtomicBool::new(false));
-    let mut polls = Vec::with_capacity(readers);
-    let mut wakers = Vec::with_capacity(readers);
-    for _ in 0..readers {
-        let poll = Poll::new()?;
-        wakers.push(Arc::new(Waker::new(poll.registry(), reader::WAKE)?));
-        polls.push(poll);
-    }
-    let wakers = Arc::new(wakers);
-    let wake_all = {
-        let (stop, wakers, stopping) = (stop.clone(), Arc::clone(&wakers), Arc::clone(&stopping));
-        move || {
-            stopping.store(true, Ordering::Release);
-            for waker in wakers.iter() {
-                let _ = waker.wake();
-            }
-            stop.stop();
-        }
-    };
-
-    // SIGTERM, SIGINT, SIGHUP: stop the readers and the endpoint; main returns.
-    {
-        let wake_all = wake_all.clone();
-        std::thread::Builder::new()
-            .name("ct-signals".into())
-            .spawn(move || {
-                if let Ok(name) = signal::wait_for_stop_signal() {
-                    log!("{name}: stopping");
-                }
-                wake_all();
-            })?;
-    }
-
+/// Each reader's socket with its flow tracker, allocated here, before any
+/// reader starts: the per-event path never allocates. Every socket is
+/// subscribed by now, so flows that started earlier may have events the
+/// readers never got, and are not measured.
+fn reader_plans(
+    config: &Config,
+    sockets: Vec<(ConntrackSocket, ReaderShare)>,
+    kernel_filtered: KernelFiltered,
+) -> Vec<ReaderPlan> {
     let filter = ServiceFilter::new(config.svc_subnets.clone(), config.exclude_subnets.clone());
-    // Every socket is subscribed by now: flows that started earlier may have
-    // events the readers never got, and are not measured.
-    let subscribed_ns = reader::wall_clock_ns();
-    let mut ready_flags = Vec::with_capacity(readers);
-    let mut threads = Vec::with_capacity(readers);
-    for (index, ((socket, share), mut poll)) in sockets.into_iter().zip(polls).enumerate() {
-        let stopping = Arc::clone(&stopping);
-        let shards = Arc::clone(&shards);
-        let ready = Arc::new(AtomicBool::new(false));
-        ready_flags.push(Arc::clone(&ready));
-        let (batch_size, print, cpu) = (config.recv_batch, config.print_events, cpus[index]);
-        let drain_delay = Duration::from_micros(config.drain_delay_us);
-        // Allocated here, before the reader starts: the per-event path never allocates.
-        let mut flows = FlowTracker::for_reader(
-            filter.clone(),
-            config.max_flows / readers,
-            share,
-            kernel_filtered,
-            subscribed_ns,
-        );
-        metrics::gauge!(FLOW_TABLE_CAPACITY, "reader" => index.to_string())
-            .set(flows.capacity() as f64);
-        let wake_all = wake_all.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("ct-reader-{index}"))
-            .spawn(move || -> io::Result<()> {
-                let result = (|| {
-                    let mut shard = shards.writer(index).ok_or_else(|| {
-                        io::Error::other(format!("stats shard {index} already has a writer"))
-                    })?;
-                    let mut batch = RecvBatch::new(batch_size, SLOT_BYTES);
-                    if let Some(core) = cpu {
-                        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-                            log!("could not pin event reader {index} to CPU {core}");
-                        }
-                    }
-                    // --print-events only. Not `lock()`ed for the thread's
-                    // life: with several readers each line takes the lock.
-                    let mut stdout = io::stdout();
-                    let print: Option<&mut dyn io::Write> =
-                        if print { Some(&mut stdout) } else { None };
-                    let options = ReaderOptions { index, drain_delay };
-                    reader::run(
-                        options, &socket, &mut poll, &stopping, &mut batch, &mut shard, &mut flows,
-                        &ready, print,
-                    )
-                })();
-                wake_all();
-                result
-            })?;
-        threads.push(thread);
-    }
+    let subscribed_ns = wall_clock_ns();
+    let per_reader = config.max_flows / config.readers;
+    sockets
+        .into_iter()
+        .zip(config.reader_cpus())
+        .map(|((socket, share), cpu)| ReaderPlan {
+            socket,
+            tracker: FlowTracker::for_reader(
+                filter.clone(),
+                per_reader,
+                share,
+                kernel_filtered,
+                subscribed_ns,
+            ),
+            cpu,
+        })
+        .collect()
+}
 
+fn reader_options(config: &Config) -> ReaderOptions {
+    ReaderOptions {
+        batch: config.recv_batch,
+        drain_delay: Duration::from_micros(config.drain_delay_us),
+        print_events: config.print_events,
+    }
+}
+
+/// SIGTERM, SIGINT, SIGHUP: `stop` (the readers and the endpoint), from a
+/// thread of its own; `main` returns once they have.
+fn stop_on_signals(stop: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("ct-signals".into())
+        .spawn(move || {
+            if let Ok(name) = signal::wait_for_stop_signal() {
+                log!("{name}: stopping");
+            }
+            stop();
+        })?;
+    Ok(())
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on this thread until stopped;
+/// `/readyz` is 200 while every reader's loop runs.
+fn serve(
+    config: &Config,
+    registry: Arc<Registry>,
+    endpoint: Endpoint,
+    readers: &Readers,
+) -> io::Result<()> {
     log!("serving /metrics on {}", endpoint.local_addr());
     let options = ScrapeOptions {
         node: config.node_name.clone(),
         legacy_names: config.legacy_names,
     };
-    let mut exposition = Exposition::new(Arc::clone(&shards), options, Some(facade));
+    let mut exposition = Exposition::new(registry, options);
     let scrape_duration = metrics::histogram!(SCRAPE_DURATION);
-    let served = endpoint.run(
-        &mut |format, out| {
-            let start = Instant::now();
-            exposition.render(format, out);
-            scrape_duration.record(start.elapsed().as_secs_f64());
-        },
-        &|| ready_flags.iter().all(|r| r.load(Ordering::Acquire)),
-    );
-    served.map_err(|e| io::Error::new(e.kind(), format!("HTTP endpoint stopped: {e}")))?;
-    // The endpoint only stops when a reader has stopped, or all are stopping.
-    wake_all();
-    let mut outcome = Ok(());
-    for (index, thread) in threads.into_iter().enumerate() {
-        let result = match thread.join() {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(io::Error::new(
-                e.kind(),
-                format!("event reader {index} stopped: {e}"),
-            )),
-            Err(_) => Err(io::Error::other(format!("event reader {index} panicked"))),
-        };
-        if outcome.is_ok() {
-            outcome = result;
-        }
-    }
-    if let Some(mask) = event_mask {
-        match mask.remove() {
-            Ok(()) => log!("--event-mask: table {} removed", event_mask::TABLE),
-            Err(e) => log!("warning: {e}"),
-        }
-    }
-    outcome
-}
-
-/// The CPU each reader is pinned to: the ones given, else none for a single
-/// reader, else the first `readers` CPUs this process may run on (in turn,
-/// if there are fewer).
-fn reader_cpus(given: &[usize], readers: usize) -> Vec<Option<usize>> {
-    if !given.is_empty() {
-        return given.iter().copied().map(Some).collect();
-    }
-    if readers == 1 {
-        return vec![None];
-    }
-    let allowed = config::allowed_cpus().unwrap_or_default();
-    (0..readers)
-        .map(|i| (!allowed.is_empty()).then(|| allowed[i % allowed.len()]))
-        .collect()
+    endpoint
+        .run(
+            &mut |format, out| {
+                let start = Instant::now();
+                exposition.render(format, out);
+                scrape_duration.record(start.elapsed().as_secs_f64());
+            },
+            &|| readers.ready(),
+        )
+        .map_err(|e| io::Error::new(e.kind(), format!("HTTP endpoint stopped: {e}")))
 }

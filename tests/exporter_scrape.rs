@@ -169,3 +169,61 @@ fn scraped_counters_match_the_events_read_and_pass_promtool() {
     let families: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert!(families >= 13, "{families} families");
 }
+
+/// HELP and TYPE lines, and each sample's name and labels (values cut off),
+/// sorted: what a dashboard or recording rule depends on.
+fn shape(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| match l.starts_with('#') {
+            true => l.to_string(),
+            false => l
+                .rsplit_once(' ')
+                .map_or(l, |(series, _)| series)
+                .to_string(),
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// The families, their HELP and TYPE lines and every label set are those
+/// the exporter wrote before its metrics went through one registry and one
+/// renderer (the fixtures were scraped from that build), in both formats.
+#[test]
+fn the_exposition_keeps_every_family_and_label_set_in_both_formats() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut vn = VirtualNode::new();
+    let _stdout = start(&mut vn, PORT, &["--readers", "2", "--legacy-names"]);
+    for (accept, fixture) in [
+        (None, "exposition_shape_prometheus.txt"),
+        (
+            Some("application/openmetrics-text; version=1.0.0"),
+            "exposition_shape_openmetrics.txt",
+        ),
+    ] {
+        let (head, body) = get(&vn, PORT, "/metrics", accept);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let path = common::captures::fixture_path(fixture);
+        let expected = std::fs::read_to_string(&path).unwrap();
+        // The first line says where the fixture comes from.
+        let expected: Vec<&str> = expected.lines().skip(1).collect();
+        let got = shape(&body);
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|l| !got.iter().any(|g| g == *l))
+            .collect();
+        let extra: Vec<_> = got
+            .iter()
+            .filter(|g| !expected.contains(&g.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{fixture}: missing {missing:#?}\nextra {extra:#?}"
+        );
+        assert_eq!(got.len(), expected.len(), "{fixture}: a line repeated");
+    }
+}

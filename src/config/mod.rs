@@ -99,6 +99,22 @@ pub struct Config {
 }
 
 impl Config {
+    /// The CPU each reader is pinned to: `--reader-cpu`'s, else none for a
+    /// single reader, else the first `--readers` CPUs this process may run
+    /// on (in turn, if there are fewer).
+    pub fn reader_cpus(&self) -> Vec<Option<usize>> {
+        if !self.reader_cpu.is_empty() {
+            return self.reader_cpu.iter().copied().map(Some).collect();
+        }
+        if self.readers == 1 {
+            return vec![None];
+        }
+        let allowed = allowed_cpus().unwrap_or_default();
+        (0..self.readers)
+            .map(|i| (!allowed.is_empty()).then(|| allowed[i % allowed.len()]))
+            .collect()
+    }
+
     /// Parses the process's arguments (and environment). On a bad flag,
     /// prints clap's message to stderr and exits with status 2; `--help` and
     /// `--version` print to stdout and exit 0.

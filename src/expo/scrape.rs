@@ -1,9 +1,12 @@
-//! One scrape: merge the shards, then write every family in the format the
-//! scraper asked for.
+//! One scrape: merge the registry, then write every family in the format
+//! the scraper asked for.
 //!
 //! Owns: which families exist in the output, their names, label sets and
-//! order; the compatibility names of the original's counters.
-//! Never: writes to a shard, or runs anywhere but the exporter thread.
+//! order; the compatibility names of the original's counters; the label
+//! values of a run-time [`SeriesKey`] (through [`KeyLabels`]).
+//! Never: writes to a shard or a cell, runs anywhere but the exporter
+//! thread, or parses text it rendered: every family, the self-metrics
+//! included, is written once, in the format asked for.
 //!
 //! The original exporter's histogram families keep their exact names,
 //! labels and `le` strings. Its counters (`events_counter`, `error_counter`,
@@ -16,16 +19,15 @@
 
 use std::sync::Arc;
 
-use metrics_exporter_prometheus::PrometheusHandle;
-
 use super::formatting::{
     write_counter_meta, write_go_float, write_help, write_sample, write_type, Value,
 };
 use super::http::Format;
 use crate::stats::family::{HistogramFamily, NAMESPACE};
-use crate::stats::{Counter, Quantiles, Series, ShardSet, Snapshot};
+use crate::stats::self_metrics::{FamilyView, Kind, SeriesValue};
+use crate::stats::{BlockLabels, Counter, Quantiles, Registry, Series, SeriesKey, Snapshot};
 
-/// What a scrape shows besides the shards' values.
+/// What a scrape shows besides the registry's values.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScrapeOptions {
     /// Value of the `node` label on every family.
@@ -34,15 +36,31 @@ pub struct ScrapeOptions {
     pub legacy_names: bool,
 }
 
+/// The label names and values of a run-time [`SeriesKey`], written after
+/// `node` on every series of its block.
+pub trait KeyLabels: Send {
+    /// Appends `key`'s labels to `out`, in the order they are written.
+    fn labels(&self, key: SeriesKey, out: &mut Vec<(&'static str, String)>);
+}
+
+/// The labels of a key no [`KeyLabels`] was given for: `key`, its words in
+/// hexadecimal.
+struct KeyInHex;
+
+impl KeyLabels for KeyInHex {
+    fn labels(&self, key: SeriesKey, out: &mut Vec<(&'static str, String)>) {
+        let [a, b, c] = key.0;
+        out.push(("key", format!("{a:016x}{b:016x}{c:016x}")));
+    }
+}
+
 /// The exporter thread's renderer: owns the reusable snapshot and buffers.
 pub struct Exposition {
-    shards: Arc<ShardSet>,
+    registry: Arc<Registry>,
     options: ScrapeOptions,
-    facade: Option<PrometheusHandle>,
+    key_labels: Box<dyn KeyLabels>,
     snapshot: Snapshot,
     cumulative: Vec<u64>,
-    facade_text: Vec<u8>,
-    name: String,
 }
 
 /// The three event types, as the original labels them.
@@ -59,28 +77,89 @@ const ERROR_TYPES: [(Counter, &str); 3] = [
     (Counter::TruncatedDatagrams, "truncated datagram"),
 ];
 
+/// `{NAMESPACE}_{name}{suffix}`.
+fn full_name(name: &str, suffix: &str) -> String {
+    format!("{NAMESPACE}_{name}{suffix}")
+}
+
+/// A series' label set under construction: `direction` (when the family has
+/// it), `node`, the block's key labels, then the sample's own (`le`,
+/// `quantile`), in the original's order.
+fn labels<'a>(
+    direction: Option<&'a str>,
+    node: &'a str,
+    key: &'a [(&'static str, String)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut out = Vec::with_capacity(4 + key.len());
+    if let Some(d) = direction {
+        out.push(("direction", d));
+    }
+    out.push(("node", node));
+    out.extend(key.iter().map(|(k, v)| (*k, v.as_str())));
+    out
+}
+
+/// `labels` and one more, last.
+fn with<'a>(labels: &[(&'a str, &'a str)], last: (&'a str, &'a str)) -> Vec<(&'a str, &'a str)> {
+    let mut all = Vec::with_capacity(labels.len() + 1);
+    all.extend_from_slice(labels);
+    all.push(last);
+    all
+}
+
+/// Writes one histogram series: cumulative buckets with their `le` labels,
+/// then `_sum` and `_count`. `le` strings are the bounds as Go writes them.
+fn write_histogram_series(
+    out: &mut Vec<u8>,
+    name: &str,
+    labels: &[(&str, &str)],
+    bounds: impl Iterator<Item = f64>,
+    cumulative: &[u64],
+    sum: f64,
+) {
+    let mut bounds = bounds;
+    for &n_obs in cumulative {
+        let mut le = Vec::new();
+        match bounds.next() {
+            Some(b) => write_go_float(&mut le, b),
+            None => le.extend_from_slice(b"+Inf"),
+        }
+        let le = std::str::from_utf8(&le).unwrap_or("+Inf");
+        write_sample(
+            out,
+            name,
+            "_bucket",
+            &with(labels, ("le", le)),
+            Value::Count(n_obs),
+        );
+    }
+    let count = cumulative.last().copied().unwrap_or(0);
+    write_sample(out, name, "_sum", labels, Value::Float(sum));
+    write_sample(out, name, "_count", labels, Value::Count(count));
+}
+
 impl Exposition {
-    /// A renderer over `shards`, adding the `metrics` facade's families from
-    /// `facade` when given.
-    pub fn new(
-        shards: Arc<ShardSet>,
-        options: ScrapeOptions,
-        facade: Option<PrometheusHandle>,
-    ) -> Self {
+    /// A renderer over `registry`. Keyed blocks' labels are written as
+    /// `key="<hex>"` until [`Self::with_key_labels`] says otherwise.
+    pub fn new(registry: Arc<Registry>, options: ScrapeOptions) -> Self {
         Exposition {
-            shards,
+            registry,
             options,
-            facade,
+            key_labels: Box::new(KeyInHex),
             snapshot: Snapshot::default(),
             cumulative: Vec::new(),
-            facade_text: Vec::new(),
-            name: String::new(),
         }
     }
 
-    /// Merges the shards and appends the whole exposition to `out`.
+    /// The same, writing the labels of keyed blocks with `key_labels`.
+    pub fn with_key_labels(mut self, key_labels: Box<dyn KeyLabels>) -> Self {
+        self.key_labels = key_labels;
+        self
+    }
+
+    /// Merges the registry and appends the whole exposition to `out`.
     pub fn render(&mut self, format: Format, out: &mut Vec<u8>) {
-        self.shards.merge_into(&mut self.snapshot);
+        self.registry.shards().merge_into(&mut self.snapshot);
         for family in [
             &crate::stats::family::SERVICE_BYTES,
             &crate::stats::family::SERVICE_PACKETS,
@@ -105,64 +184,63 @@ impl Exposition {
         self.counters(format, out);
         self.histogram(&crate::stats::family::READER_BATCH, out);
         self.process(format, out);
-        if let Some(facade) = &self.facade {
-            self.facade_text.clear();
-            let _ = facade.render_to_write(&mut self.facade_text);
-            match format {
-                Format::Prometheus => out.extend_from_slice(&self.facade_text),
-                Format::OpenMetrics => facade_as_openmetrics(&self.facade_text, out),
-            }
-        }
+        let (registry, node) = (&self.registry, self.options.node.as_str());
+        registry
+            .self_metrics()
+            .for_each(|family| self_metric(family, format, node, out));
         if format == Format::OpenMetrics {
             out.extend_from_slice(b"# EOF\n");
         }
     }
 
-    fn full_name(&mut self, name: &str, suffix: &str) -> &str {
-        self.name.clear();
-        self.name.push_str(NAMESPACE);
-        self.name.push('_');
-        self.name.push_str(name);
-        self.name.push_str(suffix);
-        &self.name
-    }
-
-    fn histogram(&mut self, family: &HistogramFamily, out: &mut Vec<u8>) {
-        let name = self.full_name(family.name, "").to_owned();
-        write_help(out, &name, family.help);
-        write_type(out, &name, "histogram");
-        // Label values in sorted order, as the original writes them.
+    /// The series of `family`, sorted by their label values, as the
+    /// original writes them.
+    fn family_series(family: &HistogramFamily) -> Vec<Series> {
         let mut series: Vec<Series> = Series::ALL
             .into_iter()
             .filter(|s| s.family().name == family.name)
             .collect();
         series.sort_by_key(|s| s.direction());
-        let node = self.options.node.as_str();
+        series
+    }
+
+    fn histogram(&mut self, family: &HistogramFamily, out: &mut Vec<u8>) {
+        let name = full_name(family.name, "");
+        write_help(out, &name, family.help);
+        write_type(out, &name, "histogram");
+        let series = Self::family_series(family);
         let unit = family.unit;
-        let mut le = Vec::new();
-        for s in series {
-            self.snapshot.cumulative(s, &mut self.cumulative);
-            for (i, &n_obs) in self.cumulative.iter().enumerate() {
-                le.clear();
-                match family.bounds.get(i) {
-                    Some(&b) => write_go_float(&mut le, unit.render(b as f64)),
-                    None => le.extend_from_slice(b"+Inf"),
-                }
-                let le = std::str::from_utf8(&le).unwrap_or("+Inf");
-                let (labels, n) = series_labels(s.direction(), node, Some(("le", le)));
-                write_sample(out, &name, "_bucket", &labels[..n], Value::Count(n_obs));
+        let bounds = || family.bounds.iter().map(move |&b| unit.render(b as f64));
+        let node = self.options.node.as_str();
+        if !series.first().is_some_and(|s| s.keyed()) {
+            for s in series {
+                self.snapshot.cumulative(s, &mut self.cumulative);
+                let sum = unit.render(self.snapshot.sum(s));
+                let labels = labels(s.direction(), node, &[]);
+                write_histogram_series(out, &name, &labels, bounds(), &self.cumulative, sum);
             }
-            let sum = Value::Float(unit.render(self.snapshot.sum(s)));
-            let count = Value::Count(self.snapshot.count(s));
-            let (labels, n) = series_labels(s.direction(), node, None);
-            write_sample(out, &name, "_sum", &labels[..n], sum);
-            write_sample(out, &name, "_count", &labels[..n], count);
+            return;
+        }
+        let mut key = Vec::new();
+        for block in self.snapshot.blocks() {
+            key.clear();
+            if let BlockLabels::Key(k) = block.labels() {
+                self.key_labels.labels(k, &mut key);
+            }
+            for &s in &series {
+                block.cumulative(s, &mut self.cumulative);
+                let sum = unit.render(block.sum(s));
+                let labels = labels(s.direction(), node, &key);
+                write_histogram_series(out, &name, &labels, bounds(), &self.cumulative, sum);
+            }
         }
     }
 
+    /// A summary family: node-level quantiles over the window (summaries
+    /// are not kept per block).
     fn summary(&mut self, first: Quantiles, legacy: bool, out: &mut Vec<u8>) {
         let family = first.series().family();
-        let name = self.full_name(first.family_name(legacy), "").to_owned();
+        let name = full_name(first.family_name(legacy), "");
         write_help(out, &name, family.help);
         write_type(out, &name, "summary");
         let mut series: Vec<Quantiles> = Quantiles::ALL
@@ -172,39 +250,36 @@ impl Exposition {
         series.sort_by_key(|q| q.series().direction());
         let node = self.options.node.as_str();
         let unit = family.unit;
-        let mut label = Vec::new();
         for q in series {
             let snap = self.snapshot.summary(q);
+            let labels = labels(q.series().direction(), node, &[]);
             for (objective, value) in q.objectives().iter().zip(&snap.quantiles) {
-                label.clear();
+                let mut label = Vec::new();
                 write_go_float(&mut label, *objective);
                 let quantile = std::str::from_utf8(&label).unwrap_or("NaN");
                 let v = Value::Float(value.map_or(f64::NAN, |v| unit.render(v)));
-                let (labels, n) =
-                    series_labels(q.series().direction(), node, Some(("quantile", quantile)));
-                write_sample(out, &name, "", &labels[..n], v);
+                write_sample(out, &name, "", &with(&labels, ("quantile", quantile)), v);
             }
             // The histogram series holds the same observations: its count
             // and sum are the summary's, over all time as Go's.
             let sum = Value::Float(unit.render(self.snapshot.sum(q.series())));
             let count = Value::Count(self.snapshot.count(q.series()));
-            let (labels, n) = series_labels(q.series().direction(), node, None);
-            write_sample(out, &name, "_sum", &labels[..n], sum);
-            write_sample(out, &name, "_count", &labels[..n], count);
+            write_sample(out, &name, "_sum", &labels, sum);
+            write_sample(out, &name, "_count", &labels, count);
         }
     }
 
     fn counter_family(
-        &mut self,
+        &self,
         format: Format,
         base: &str,
         help: &str,
         samples: &[(Counter, Option<&str>)],
         out: &mut Vec<u8>,
     ) {
-        let family = self.full_name(base, "").to_owned();
+        let family = full_name(base, "");
         write_counter_meta(out, format == Format::OpenMetrics, &family, help);
-        let sample = self.full_name(base, "_total").to_owned();
+        let sample = full_name(base, "_total");
         let node = self.options.node.as_str();
         for &(c, ty) in samples {
             let v = Value::Count(self.snapshot.counter(c));
@@ -215,7 +290,7 @@ impl Exposition {
         }
     }
 
-    fn counters(&mut self, format: Format, out: &mut Vec<u8>) {
+    fn counters(&self, format: Format, out: &mut Vec<u8>) {
         let events = EVENT_TYPES.map(|(c, t)| (c, Some(t)));
         let errors = ERROR_TYPES.map(|(c, t)| (c, Some(t)));
         self.counter_family(
@@ -254,45 +329,48 @@ impl Exposition {
             out,
         );
         if self.options.legacy_names && format == Format::Prometheus {
-            let node = self.options.node.clone();
-            for (name, help, samples) in [
-                (
-                    "events_counter",
-                    "Number of handled conntrack events.",
-                    &EVENT_TYPES[..],
-                ),
-                (
-                    "error_counter",
-                    "Number of errors occurred in conntrack monitoring",
-                    &ERROR_TYPES[..1],
-                ),
-            ] {
-                let name = self.full_name(name, "").to_owned();
-                write_help(out, &name, help);
-                write_type(out, &name, "counter");
-                for &(c, t) in samples {
-                    let v = Value::Count(self.snapshot.counter(c));
-                    write_sample(out, &name, "", &[("node", &node), ("type", t)], v);
-                }
-            }
-            let name = self.full_name("no_bufs_counter", "").to_owned();
-            write_help(
-                out,
-                &name,
-                "How many times socket reader didn't have free buffers",
-            );
-            write_type(out, &name, "counter");
-            let v = Value::Count(self.snapshot.counter(Counter::NetlinkOverruns));
-            write_sample(out, &name, "", &[("node", &node)], v);
+            self.legacy_counters(out);
         }
     }
-}
 
-impl Exposition {
+    /// The original's counters under its names (Prometheus text only).
+    fn legacy_counters(&self, out: &mut Vec<u8>) {
+        let node = self.options.node.as_str();
+        for (name, help, samples) in [
+            (
+                "events_counter",
+                "Number of handled conntrack events.",
+                &EVENT_TYPES[..],
+            ),
+            (
+                "error_counter",
+                "Number of errors occurred in conntrack monitoring",
+                &ERROR_TYPES[..1],
+            ),
+        ] {
+            let name = full_name(name, "");
+            write_help(out, &name, help);
+            write_type(out, &name, "counter");
+            for &(c, t) in samples {
+                let v = Value::Count(self.snapshot.counter(c));
+                write_sample(out, &name, "", &[("node", node), ("type", t)], v);
+            }
+        }
+        let name = full_name("no_bufs_counter", "");
+        write_help(
+            out,
+            &name,
+            "How many times socket reader didn't have free buffers",
+        );
+        write_type(out, &name, "counter");
+        let v = Value::Count(self.snapshot.counter(Counter::NetlinkOverruns));
+        write_sample(out, &name, "", &[("node", node)], v);
+    }
+
     /// The standard `process_*` families (as Prometheus client libraries
     /// write them), from `/proc/self`: CPU and memory for the dashboard
     /// without cAdvisor.
-    fn process(&mut self, format: Format, out: &mut Vec<u8>) {
+    fn process(&self, format: Format, out: &mut Vec<u8>) {
         let p = crate::sys::process::read();
         let node = self.options.node.as_str();
         let labels = [("node", node)];
@@ -343,58 +421,56 @@ impl Exposition {
     }
 }
 
-/// The labels of a series in the original's order: `direction` (when the
-/// family has it), `node`, then the sample's own (`le`, `quantile`).
-fn series_labels<'a>(
-    direction: Option<&'a str>,
-    node: &'a str,
-    extra: Option<(&'a str, &'a str)>,
-) -> ([(&'a str, &'a str); 3], usize) {
-    let mut labels = [("", ""); 3];
-    let mut n = 0;
-    for label in [
-        direction.map(|d| ("direction", d)),
-        Some(("node", node)),
-        extra,
-    ]
-    .into_iter()
-    .flatten()
-    {
-        labels[n] = label;
-        n += 1;
+/// A gauge's value: an integer when it is one (byte and flow counts),
+/// else as Go writes floats.
+fn gauge_value(v: f64) -> Value {
+    if v.fract() == 0.0 && (0.0..9.007_199_254_740_992e15).contains(&v) {
+        Value::Count(v as u64)
+    } else {
+        Value::Float(v)
     }
-    (labels, n)
 }
 
-/// The facade's Prometheus text, with counter families renamed the
-/// OpenMetrics way (`# TYPE x counter` for samples `x_total`).
-fn facade_as_openmetrics(text: &[u8], out: &mut Vec<u8>) {
-    let text = String::from_utf8_lossy(text);
-    let counters: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    for line in text.lines() {
-        let meta = line
-            .strip_prefix("# TYPE ")
-            .map(|r| ("# TYPE ", r))
-            .or_else(|| line.strip_prefix("# HELP ").map(|r| ("# HELP ", r)));
-        match meta {
-            Some((prefix, rest)) => {
-                let name = rest.split(' ').next().unwrap_or("");
-                let renamed = match name.strip_suffix("_total") {
-                    Some(base) if counters.contains(&name) => base,
-                    _ => name,
-                };
-                out.extend_from_slice(prefix.as_bytes());
-                out.extend_from_slice(renamed.as_bytes());
-                out.extend_from_slice(&rest.as_bytes()[name.len()..]);
-            }
-            None if line.is_empty() => continue,
-            None => out.extend_from_slice(line.as_bytes()),
+/// One self-metric family (from the `metrics` facade), with `node` first on
+/// every series.
+fn self_metric(family: FamilyView<'_>, format: Format, node: &str, out: &mut Vec<u8>) {
+    let name = family.name();
+    match family.kind() {
+        Kind::Counter => {
+            let base = name.strip_suffix("_total").unwrap_or(name);
+            write_counter_meta(out, format == Format::OpenMetrics, base, family.help());
         }
-        out.push(b'\n');
+        Kind::Gauge => {
+            write_help(out, name, family.help());
+            write_type(out, name, "gauge");
+        }
+        Kind::Histogram => {
+            write_help(out, name, family.help());
+            write_type(out, name, "histogram");
+        }
+    }
+    let mut cumulative = Vec::new();
+    for (series_labels, value) in family.series() {
+        let mut labels = vec![("node", node)];
+        labels.extend(series_labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        match value {
+            SeriesValue::Counter(n) => write_sample(out, name, "", &labels, Value::Count(n)),
+            SeriesValue::Gauge(g) => write_sample(out, name, "", &labels, gauge_value(g)),
+            SeriesValue::Histogram {
+                bounds,
+                buckets,
+                sum,
+            } => {
+                cumulative.clear();
+                let mut total = 0u64;
+                for b in buckets {
+                    total = total.wrapping_add(b.load(std::sync::atomic::Ordering::Relaxed));
+                    cumulative.push(total);
+                }
+                let bounds = bounds.iter().copied();
+                write_histogram_series(out, name, &labels, bounds, &cumulative, sum);
+            }
+        }
     }
 }
 
@@ -402,6 +478,7 @@ fn facade_as_openmetrics(text: &[u8], out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use crate::stats::summary::SummaryWindow;
+    use crate::stats::ShardSet;
     use std::collections::BTreeSet;
 
     fn original() -> String {
@@ -412,11 +489,18 @@ mod tests {
         std::fs::read_to_string(path).unwrap()
     }
 
-    fn render(options: ScrapeOptions, format: Format, shards: Arc<ShardSet>) -> String {
-        let mut e = Exposition::new(shards, options, None);
+    fn render(options: ScrapeOptions, format: Format, registry: Arc<Registry>) -> String {
+        let mut e = Exposition::new(registry, options);
         let mut out = Vec::new();
         e.render(format, &mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    fn registry(shards: usize) -> Arc<Registry> {
+        Arc::new(Registry::new(ShardSet::new(
+            shards,
+            SummaryWindow::from_minutes(10),
+        )))
     }
 
     fn n1() -> ScrapeOptions {
@@ -444,8 +528,7 @@ mod tests {
             node: "n1".into(),
             legacy_names: true,
         };
-        let shards = Arc::new(ShardSet::new(2, SummaryWindow::from_minutes(10)));
-        let ours = service_shape(&render(opts, Format::Prometheus, shards));
+        let ours = service_shape(&render(opts, Format::Prometheus, registry(2)));
         let theirs = service_shape(&original());
         let missing: Vec<_> = theirs.difference(&ours).collect();
         let extra: Vec<_> = ours
@@ -460,8 +543,7 @@ mod tests {
 
     #[test]
     fn by_default_histograms_are_the_originals_and_summaries_renamed() {
-        let shards = Arc::new(ShardSet::new(1, SummaryWindow::from_minutes(10)));
-        let ours = service_shape(&render(n1(), Format::Prometheus, shards));
+        let ours = service_shape(&render(n1(), Format::Prometheus, registry(1)));
         let theirs = service_shape(&original());
         let (histograms, summaries): (Vec<_>, Vec<_>) =
             theirs.iter().partition(|l| !l.contains("_summary"));
@@ -483,10 +565,10 @@ mod tests {
 
     #[test]
     fn observations_render_in_base_units_with_consistent_counts() {
-        let shards = Arc::new(ShardSet::new(2, SummaryWindow::from_minutes(10)));
+        let shards = registry(2);
         {
-            let mut a = shards.writer(0).unwrap();
-            let mut b = shards.writer(1).unwrap();
+            let mut a = shards.shards().writer(0).unwrap();
+            let mut b = shards.shards().writer(1).unwrap();
             a.observe(Series::SeenReplyLatency, 800_000); // 0.8 ms -> le="0.001"
             b.observe(Series::SeenReplyLatency, 3_000_000_000); // 3 s -> le="5"
             a.observe(Series::FinThroughputToService, 30_000_000); // 30000 B/s
@@ -541,8 +623,12 @@ mod tests {
 
     #[test]
     fn legacy_names_only_when_asked_and_only_in_prometheus_text() {
-        let shards = Arc::new(ShardSet::new(1, SummaryWindow::from_minutes(10)));
-        shards.writer(0).unwrap().count(Counter::EventsDestroy, 3);
+        let shards = registry(1);
+        shards
+            .shards()
+            .writer(0)
+            .unwrap()
+            .count(Counter::EventsDestroy, 3);
         let opts = ScrapeOptions {
             node: "n1".into(),
             legacy_names: true,
@@ -570,11 +656,7 @@ mod tests {
 
     #[test]
     fn openmetrics_names_counters_without_total_and_ends_with_eof() {
-        let text = render(
-            n1(),
-            Format::OpenMetrics,
-            Arc::new(ShardSet::new(1, SummaryWindow::from_minutes(10))),
-        );
+        let text = render(n1(), Format::OpenMetrics, registry(1));
         assert!(text.ends_with("# EOF\n"));
         assert!(text.contains("# TYPE conntrack_monitoring_events counter\n"));
         assert!(text.contains("\nconntrack_monitoring_events_total{node=\"n1\",type=\"new\"} 0\n"));
@@ -582,14 +664,91 @@ mod tests {
     }
 
     #[test]
-    fn facade_counters_are_renamed_for_openmetrics() {
-        let facade = "# HELP x_total things\n# TYPE x_total counter\nx_total{node=\"a\"} 3\n\n\
-                      # TYPE g gauge\ng 1\n";
+    fn self_metrics_are_rendered_once_in_either_format() {
+        let registry = registry(1);
+        let recorder = registry.recorder();
+        metrics::with_local_recorder(&recorder, || {
+            use crate::stats::self_metrics::*;
+            metrics::counter!(READER_DATAGRAMS, "reader" => "1").increment(4);
+            metrics::counter!(READER_DATAGRAMS, "reader" => "0").increment(9);
+            metrics::gauge!(RECEIVE_BUFFER).set(134_217_728.0);
+            metrics::histogram!(SCRAPE_DURATION).record(0.0004);
+        });
+        let d = "conntrack_monitoring_reader_datagrams";
+        let text = render(n1(), Format::Prometheus, Arc::clone(&registry));
+        let expected = [
+            format!("# HELP {d}_total Netlink datagrams each event reader received (each a conntrack event or a control message)"),
+            format!("# TYPE {d}_total counter"),
+            format!("{d}_total{{node=\"n1\",reader=\"0\"}} 9"),
+            format!("{d}_total{{node=\"n1\",reader=\"1\"}} 4"),
+        ];
+        assert!(text.contains(&(expected.join("\n") + "\n")), "{text}");
+        let b = "conntrack_monitoring_netlink_receive_buffer_bytes";
+        assert!(text.contains(&format!("# TYPE {b} gauge\n{b}{{node=\"n1\"}} 134217728\n")));
+        let s = "conntrack_monitoring_scrape_duration_seconds";
+        for line in [
+            format!("{s}_bucket{{node=\"n1\",le=\"0.0005\"}} 1"),
+            format!("{s}_bucket{{node=\"n1\",le=\"+Inf\"}} 1"),
+            format!("{s}_sum{{node=\"n1\"}} 0.0004"),
+            format!("{s}_count{{node=\"n1\"}} 1"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?}");
+        }
+        // Each family once; not yet registered families not at all.
+        assert_eq!(text.matches(&format!("# TYPE {d}_total")).count(), 1);
+        assert!(!text.contains("flow_table_flows"));
+        let om = render(n1(), Format::OpenMetrics, registry);
+        assert!(om.contains(&format!("# TYPE {d} counter\n")));
+        assert!(om.contains(&format!("\n{d}_total{{node=\"n1\",reader=\"0\"}} 9\n")));
+        assert!(!om.contains(&format!("# TYPE {d}_total")));
+        assert!(om.ends_with("# EOF\n"));
+    }
+
+    struct ServiceLabels;
+
+    impl KeyLabels for ServiceLabels {
+        fn labels(&self, key: SeriesKey, out: &mut Vec<(&'static str, String)>) {
+            out.push(("service_ip", format!("10.96.0.{}", key.0[0])));
+            out.push(("service_port", key.0[1].to_string()));
+        }
+    }
+
+    #[test]
+    fn keyed_blocks_are_series_with_their_labels_after_node() {
+        let set = ShardSet::with_blocks(1, SummaryWindow::from_minutes(10), 3);
+        let (b1, b2) = (set.block(1).unwrap(), set.block(2).unwrap());
+        {
+            let mut w = set.writer(0).unwrap();
+            w.relabel(b1, Some(BlockLabels::Key(SeriesKey([10, 53, 0]))));
+            w.relabel(b2, Some(BlockLabels::Key(SeriesKey([2, 80, 0]))));
+            w.observe_in(b1, Series::SeenReplyLatency, 800_000);
+            w.observe_in(b2, Series::BytesToService, 7);
+            w.observe_in(b2, Series::BytesToService, 70);
+        }
+        let registry = Arc::new(Registry::new(set));
+        let mut e = Exposition::new(registry, n1()).with_key_labels(Box::new(ServiceLabels));
         let mut out = Vec::new();
-        facade_as_openmetrics(facade.as_bytes(), &mut out);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "# HELP x things\n# TYPE x counter\nx_total{node=\"a\"} 3\n# TYPE g gauge\ng 1\n"
+        e.render(Format::Prometheus, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let p = "conntrack_monitoring_service_seen_reply_latency_seconds";
+        for line in [
+            format!("{p}_bucket{{node=\"n1\",le=\"0.001\"}} 0"),
+            format!("{p}_bucket{{node=\"n1\",service_ip=\"10.96.0.10\",service_port=\"53\",le=\"0.001\"}} 1"),
+            format!("{p}_count{{node=\"n1\",service_ip=\"10.96.0.2\",service_port=\"80\"}} 0"),
+            "conntrack_monitoring_service_bytes_count{direction=\"to-svc\",node=\"n1\",service_ip=\"10.96.0.2\",service_port=\"80\"} 2".into(),
+            "conntrack_monitoring_service_bytes_sum{direction=\"to-svc\",node=\"n1\",service_ip=\"10.96.0.2\",service_port=\"80\"} 77".into(),
+            // The window summaries stay the node's.
+            "conntrack_monitoring_service_seen_reply_latency_window_seconds_count{node=\"n1\"} 1".into(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?}");
+        }
+        // Without label names for keys, a key is written in hexadecimal.
+        let set = ShardSet::with_blocks(1, SummaryWindow::from_minutes(10), 2);
+        set.writer(0).unwrap().relabel(
+            set.block(1).unwrap(),
+            Some(BlockLabels::Key(SeriesKey([1, 2, 3]))),
         );
+        let text = render(n1(), Format::Prometheus, Arc::new(Registry::new(set)));
+        assert!(text.contains("key=\"000000000000000100000000000000020000000000000003\""));
     }
 }

@@ -280,43 +280,63 @@ impl Series {
         }
     }
 
-    /// Slots the series takes in a shard: one per bucket, one for `+Inf`
-    /// (values above the last bound), one for the sum. The count is the sum
-    /// of the buckets, so it always agrees with `+Inf`.
+    /// Whether the series is kept per labelled block (a Service family,
+    /// whose label sets may be known only at run time) rather than once per
+    /// shard (the reader's own families).
+    pub const fn keyed(self) -> bool {
+        !matches!(self, Series::ReaderBatch)
+    }
+
+    /// Slots the series takes: one per bucket, one for `+Inf` (values above
+    /// the last bound), one for the sum. The count is the sum of the
+    /// buckets, so it always agrees with `+Inf`.
     pub const fn slots(self) -> usize {
         self.family().bounds.len() + 2
     }
 
-    /// Slot of the series' sum (after its buckets and `+Inf`).
+    /// Slot of the series' sum (after its buckets and `+Inf`), in its region.
     pub const fn sum_slot(self) -> usize {
         self.offset() + self.family().bounds.len() + 1
     }
 
-    /// Offset of the series' first slot in a shard.
+    /// Offset of the series' first slot in its region: a block for a
+    /// [`keyed`](Self::keyed) series, the shard's own slots otherwise.
     pub const fn offset(self) -> usize {
         let mut at = 0;
         let mut i = 0;
         while i < Series::ALL.len() {
-            if Series::ALL[i] as u8 == self as u8 {
+            let s = Series::ALL[i];
+            if s as u8 == self as u8 {
                 return at;
             }
-            at += Series::ALL[i].slots();
+            if s.keyed() == self.keyed() {
+                at += s.slots();
+            }
             i += 1;
         }
         at
     }
 }
 
-/// Slots all histogram series take in a shard.
-pub const HISTOGRAM_SLOTS: usize = {
+/// Slots the histogram series of a region take: the keyed ones (one block)
+/// or the shard's own.
+const fn region_histogram_slots(keyed: bool) -> usize {
     let mut n = 0;
     let mut i = 0;
     while i < Series::ALL.len() {
-        n += Series::ALL[i].slots();
+        if Series::ALL[i].keyed() == keyed {
+            n += Series::ALL[i].slots();
+        }
         i += 1;
     }
     n
-};
+}
+
+/// Slots of one labelled block: every keyed series.
+pub const BLOCK_SLOTS: usize = region_histogram_slots(true);
+
+/// Slots the shard's own histogram series take, before its counters.
+pub const SHARD_HISTOGRAM_SLOTS: usize = region_histogram_slots(false);
 
 /// A per-event counter kept in the shards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -356,14 +376,14 @@ impl Counter {
         Counter::KernelFilterMisses,
     ];
 
-    /// Slot of the counter in a shard.
+    /// Slot of the counter among the shard's own slots.
     pub const fn slot(self) -> usize {
-        HISTOGRAM_SLOTS + self as usize
+        SHARD_HISTOGRAM_SLOTS + self as usize
     }
 }
 
-/// Slots of one shard: histograms, then counters.
-pub const SHARD_SLOTS: usize = HISTOGRAM_SLOTS + Counter::ALL.len();
+/// The shard's own slots: its histograms, then the counters.
+pub const SHARD_SLOTS: usize = SHARD_HISTOGRAM_SLOTS + Counter::ALL.len();
 
 /// A summary series: the original's quantile families, computed over a
 /// sliding window from the shards' log-linear histograms.
@@ -449,14 +469,21 @@ mod tests {
         for (i, s) in Series::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i, "ALL is in declaration order");
         }
-        let mut next = 0;
-        for s in Series::ALL {
-            assert_eq!(s.offset(), next, "{s:?}");
-            next += s.slots();
+        for keyed in [true, false] {
+            let mut next = 0;
+            for s in Series::ALL.into_iter().filter(|s| s.keyed() == keyed) {
+                assert_eq!(s.offset(), next, "{s:?}");
+                next += s.slots();
+            }
+            let region = if keyed {
+                BLOCK_SLOTS
+            } else {
+                SHARD_HISTOGRAM_SLOTS
+            };
+            assert_eq!(next, region);
         }
-        assert_eq!(next, HISTOGRAM_SLOTS);
         for (i, c) in Counter::ALL.iter().enumerate() {
-            assert_eq!(c.slot(), HISTOGRAM_SLOTS + i);
+            assert_eq!(c.slot(), SHARD_HISTOGRAM_SLOTS + i);
         }
         for q in Quantiles::ALL {
             assert_eq!(Quantiles::of(q.series()), Some(q));

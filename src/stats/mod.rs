@@ -2,15 +2,20 @@
 //! quantiles, written without locks by the per-event path and merged by the
 //! exporter thread on each scrape.
 //!
-//! Owns: the families' definitions ([`family`]), the shards and their merge
-//! ([`shard`]), and the quantile summaries ([`summary`]).
+//! Owns: the one metrics [`registry`]: the per-event families' definitions
+//! ([`family`]), the shards and their merge ([`shard`]), the quantile
+//! summaries ([`summary`]), and the exporter's own metrics, written through
+//! the `metrics` facade ([`self_metrics`]).
 //! Never: allocates, locks, logs or makes a syscall when a value is recorded.
 //! Values are integers in the family's stored unit (nanoseconds, bytes, ...);
 //! seconds and fractions exist only in the rendered text.
 
 pub mod family;
+pub mod registry;
+pub mod self_metrics;
 pub mod shard;
 pub mod summary;
 
 pub use family::{Counter, Quantiles, Series};
-pub use shard::{ShardSet, ShardWriter, Snapshot};
+pub use registry::Registry;
+pub use shard::{BlockId, BlockLabels, SeriesKey, ShardSet, ShardWriter, Snapshot};

@@ -1,20 +1,47 @@
 //! Per-writer shards of atomic counters, and the merge of all shards into a
 //! snapshot.
 //!
-//! Owns: the memory every per-event observation goes to, and the rules that
-//! make a lock-free scrape consistent.
+//! Owns: the memory every per-event observation goes to, the labelled
+//! blocks that hold the Service families' series, and the rules that make a
+//! lock-free scrape consistent.
 //! Never: lets two threads write one shard ([`ShardSet::writer`] hands each
 //! shard out once at a time), allocates after construction on the write
 //! path, or uses a read-modify-write instruction on it.
 //!
-//! Why the orderings are enough: every slot has exactly one writer, which
-//! does `store(load() + n)` with `Relaxed`. Nothing else is published through
-//! a slot, so no slot needs to order other memory. The scrape reads each slot
-//! with `Relaxed`: coherence alone guarantees that one thread's successive
-//! reads of one location never see an older value, so a slot, and hence any
-//! sum of slots, never goes down from one scrape to the next. Buckets and
-//! `_sum` are separate slots and may be caught an observation apart; the
-//! count is derived from the buckets, so `+Inf` and `_count` always agree.
+//! # Layout
+//!
+//! A shard holds its own slots (the reader's batch-size histogram and the
+//! counters), then `blocks` labelled blocks, each one copy of every keyed
+//! series (`Series::keyed`: the Service families) on cache lines of its own.
+//! A block's labels are [`BlockLabels::Node`] (the node's own series, no
+//! label beyond the family's) or a [`SeriesKey`] set at run time, which the
+//! renderer turns into label values. [`ShardSet::new`] makes one block,
+//! labelled `Node`: every Service observation goes there. A set made with
+//! [`ShardSet::with_blocks`] has more, free until its writer labels them
+//! ([`ShardWriter::relabel`]); the scrape adds up blocks of equal labels
+//! across shards.
+//!
+//! # Why the orderings are enough
+//!
+//! Every slot has exactly one writer, which does `store(load() + n)` with
+//! `Relaxed`. Nothing else is published through a slot, so no slot needs to
+//! order other memory. The scrape reads each slot with `Relaxed`: coherence
+//! alone guarantees that one thread's successive reads of one location never
+//! see an older value, so a slot, and hence any sum of slots, never goes down
+//! from one scrape to the next. Buckets and `_sum` are separate slots and may
+//! be caught an observation apart; the count is derived from the buckets, so
+//! `+Inf` and `_count` always agree.
+//!
+//! Relabelling a block is the one multi-word update: its labels change and
+//! its slots go back to zero together. It is a sequence lock: the writer
+//! makes the block's sequence odd, `Release` fence, rewrites labels and
+//! slots, then stores the next even sequence with `Release`. The scrape
+//! loads the sequence (`Acquire`), the labels and slots, an `Acquire`
+//! fence, and the sequence again; it keeps the block only if both readings
+//! are the same even number. A scrape that read any value written after the
+//! writer's fence synchronises with it and sees the odd (or a later)
+//! sequence, so it never pairs one label set with another's counts. A
+//! block caught mid-relabel is left out of that scrape.
 //!
 //! A histogram's sum slot holds the bits of an `f64` (as Go's histograms
 //! keep their sums): observations are integers, added exactly while the sum
@@ -23,28 +50,34 @@
 //! connections (FIN latency sums), and a wrapped sum goes down. Adding a
 //! non-negative value to an `f64` never makes it smaller.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
 
-use super::family::{Counter, Quantiles, Series, SHARD_SLOTS};
+use super::family::{Counter, Quantiles, Series, BLOCK_SLOTS, SHARD_SLOTS};
 use super::summary::{QuantileAccumulator, SlidingQuantiles, SummaryWindow};
 
 const SLOTS_PER_LINE: usize = 8;
-const LINES: usize = SHARD_SLOTS.div_ceil(SLOTS_PER_LINE);
+/// Cache lines of a shard's own slots.
+const OWN_LINES: usize = SHARD_SLOTS.div_ceil(SLOTS_PER_LINE);
+/// Cache lines of one block.
+const BLOCK_LINES: usize = BLOCK_SLOTS.div_ceil(SLOTS_PER_LINE);
 
-/// What [`ShardWriter::observe`] needs of a series, computed at compile time
-/// so that a series that is not a constant costs one table lookup, not a
-/// `match` per property.
+/// What [`ShardWriter::observe_in`] needs of a series, computed at compile
+/// time so that a series that is not a constant costs one table lookup, not
+/// a `match` per property.
 #[derive(Clone, Copy)]
 struct Layout {
-    /// [`Series::offset`].
+    /// [`Series::offset`], in its region.
     offset: usize,
     /// The family's bounds.
     bounds: &'static [u64],
     /// Index of its summary in `Shard::quantiles`, or `NO_SUMMARY`.
     summary: usize,
+    /// [`Series::keyed`]: the series lives in a block.
+    keyed: bool,
 }
 
 const NO_SUMMARY: usize = usize::MAX;
@@ -55,6 +88,7 @@ const LAYOUTS: [Layout; Series::ALL.len()] = {
         offset: 0,
         bounds: &[],
         summary: NO_SUMMARY,
+        keyed: false,
     }; Series::ALL.len()];
     let mut i = 0;
     while i < Series::ALL.len() {
@@ -66,28 +100,94 @@ const LAYOUTS: [Layout; Series::ALL.len()] = {
                 Some(q) => q as usize,
                 None => NO_SUMMARY,
             },
+            keyed: s.keyed(),
         };
         i += 1;
     }
     out
 };
 
+/// The first slot of block `block` in a shard.
+#[inline(always)]
+const fn block_base(block: usize) -> usize {
+    (OWN_LINES + block * BLOCK_LINES) * SLOTS_PER_LINE
+}
+
+/// A run-time label set of a block, opaque here: 24 bytes that the renderer
+/// turns into label values (for a Service: its address, port and
+/// protocol). Fixed-size, so that labelling a block allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SeriesKey(pub [u64; 3]);
+
+/// What a block's series are labelled with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BlockLabels {
+    /// The node's own series: no label beyond the family's.
+    Node,
+    /// Series labelled from a key.
+    Key(SeriesKey),
+}
+
+/// A block's number, the same in every shard of a set; made by
+/// [`ShardSet::block`], so it is always in range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockId(usize);
+
+impl BlockId {
+    /// Block 0: in a set from [`ShardSet::new`], the node's own series.
+    pub const NODE: BlockId = BlockId(0);
+
+    /// The block's number.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// `BlockHead::state` values.
+const FREE: u64 = 0;
+const NODE: u64 = 1;
+const KEYED: u64 = 2;
+
+/// A block's labels and the sequence that guards them (module doc).
+struct BlockHead {
+    /// Even while labels and slots are stable, odd while the writer
+    /// relabels the block.
+    sequence: AtomicU64,
+    /// [`FREE`], [`NODE`] or [`KEYED`].
+    state: AtomicU64,
+    /// The key's words, when [`KEYED`].
+    key: [AtomicU64; 3],
+}
+
+impl BlockHead {
+    fn new(state: u64) -> BlockHead {
+        BlockHead {
+            sequence: AtomicU64::new(0),
+            state: AtomicU64::new(state),
+            key: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
 /// One writer's counters: whole cache lines, so no two shards share one;
-/// and its sliding quantiles, one per summary series.
+/// its blocks' labels; and its sliding quantiles, one per summary series.
 struct Shard {
-    /// A fixed-size array: a slot index is checked against a constant, which
-    /// folds away for the constant slots of a constant series.
-    lines: Box<[CachePadded<[AtomicU64; SLOTS_PER_LINE]>; LINES]>,
+    /// The shard's own slots, then its blocks, each starting a line.
+    lines: Box<[CachePadded<[AtomicU64; SLOTS_PER_LINE]>]>,
+    heads: Box<[CachePadded<BlockHead>]>,
     quantiles: [SlidingQuantiles; Quantiles::ALL.len()],
     claimed: CachePadded<AtomicBool>,
 }
 
 impl Shard {
-    fn new(window: &SummaryWindow) -> Shard {
+    fn new(window: &SummaryWindow, blocks: usize) -> Shard {
         Shard {
-            lines: Box::new(std::array::from_fn(|_| {
-                CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0)))
-            })),
+            lines: (0..block_base(blocks) / SLOTS_PER_LINE)
+                .map(|_| CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0))))
+                .collect(),
+            heads: (0..blocks)
+                .map(|b| CachePadded::new(BlockHead::new(if b == 0 { NODE } else { FREE })))
+                .collect(),
             quantiles: std::array::from_fn(|_| SlidingQuantiles::new(window)),
             claimed: CachePadded::new(AtomicBool::new(false)),
         }
@@ -97,21 +197,59 @@ impl Shard {
     fn slot(&self, i: usize) -> &AtomicU64 {
         &self.lines[i / SLOTS_PER_LINE][i % SLOTS_PER_LINE]
     }
+
+    /// Reads block `block` into `into` under its sequence lock: its labels,
+    /// or `None` if it is free or was being relabelled.
+    fn read_block(&self, block: usize, into: &mut [u64]) -> Option<BlockLabels> {
+        let head = &self.heads[block];
+        let before = head.sequence.load(Acquire);
+        if before & 1 == 1 {
+            return None;
+        }
+        let state = head.state.load(Relaxed);
+        let key = SeriesKey(std::array::from_fn(|i| head.key[i].load(Relaxed)));
+        let base = block_base(block);
+        for (i, v) in into.iter_mut().enumerate() {
+            *v = self.slot(base + i).load(Relaxed);
+        }
+        fence(Acquire);
+        if head.sequence.load(Relaxed) != before {
+            return None;
+        }
+        match state {
+            NODE => Some(BlockLabels::Node),
+            KEYED => Some(BlockLabels::Key(key)),
+            _ => None,
+        }
+    }
 }
 
 /// All shards of the process, shared by the writers and the exporter thread.
 pub struct ShardSet {
     shards: Box<[Shard]>,
+    blocks: usize,
     window: SummaryWindow,
     /// The clock writers and scrapes both count summary epochs from.
     start: Instant,
 }
 
 impl ShardSet {
-    /// `count` shards (at least one), all zero, with summaries over `window`.
+    /// `count` shards (at least one), all zero, with summaries over `window`
+    /// and one block, the node's own.
     pub fn new(count: usize, window: SummaryWindow) -> ShardSet {
+        Self::with_blocks(count, window, 1)
+    }
+
+    /// `count` shards of `blocks` blocks each (at least one): block 0
+    /// labelled [`BlockLabels::Node`], the others free until a writer
+    /// labels them.
+    pub fn with_blocks(count: usize, window: SummaryWindow, blocks: usize) -> ShardSet {
+        let blocks = blocks.max(1);
         ShardSet {
-            shards: (0..count.max(1)).map(|_| Shard::new(&window)).collect(),
+            shards: (0..count.max(1))
+                .map(|_| Shard::new(&window, blocks))
+                .collect(),
+            blocks,
             window,
             start: Instant::now(),
         }
@@ -132,6 +270,24 @@ impl ShardSet {
         false
     }
 
+    /// Blocks per shard.
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Block `index`, if the set has it.
+    pub fn block(&self, index: usize) -> Option<BlockId> {
+        (index < self.blocks).then_some(BlockId(index))
+    }
+
+    /// Bytes of shared memory the set's slots and block labels take
+    /// (without the summaries').
+    pub fn slot_bytes(&self) -> usize {
+        let per_shard = block_base(self.blocks) * size_of::<AtomicU64>()
+            + self.blocks * size_of::<CachePadded<BlockHead>>();
+        per_shard * self.shards.len()
+    }
+
     /// The writer of shard `index`, or `None` if it is out of range or
     /// already has a writer. The shard is free again when the writer drops.
     pub fn writer(&self, index: usize) -> Option<ShardWriter<'_>> {
@@ -140,7 +296,7 @@ impl ShardSet {
         // sees every store of the previous one before it adds to them.
         shard
             .claimed
-            .compare_exchange(false, true, Ordering::Acquire, Relaxed)
+            .compare_exchange(false, true, Acquire, Relaxed)
             .ok()?;
         Some(ShardWriter {
             shard,
@@ -149,24 +305,25 @@ impl ShardSet {
         })
     }
 
-    /// Adds every shard into `snapshot` (zeroed first), with the summaries'
-    /// window ending now.
+    /// Adds every shard into `snapshot`, with the summaries' window ending
+    /// now.
     pub fn merge_into(&self, snapshot: &mut Snapshot) {
         self.merge_at(snapshot, Instant::now());
     }
 
     /// [`Self::merge_into`] with the window ending at `now`.
     pub fn merge_at(&self, snapshot: &mut Snapshot, now: Instant) {
-        snapshot.slots.iter_mut().for_each(|s| *s = 0);
-        snapshot.sums.iter_mut().for_each(|s| *s = 0.0);
+        snapshot.begin();
         for shard in self.shards.iter() {
-            for (i, total) in snapshot.slots.iter_mut().enumerate() {
-                *total = total.wrapping_add(shard.slot(i).load(Relaxed));
-            }
-            for (s, total) in Series::ALL.iter().zip(snapshot.sums.iter_mut()) {
-                *total += f64::from_bits(shard.slot(s.sum_slot()).load(Relaxed));
+            snapshot.own.add(|i| shard.slot(i).load(Relaxed), false);
+            for block in 0..self.blocks {
+                if let Some(labels) = shard.read_block(block, &mut snapshot.scratch) {
+                    let scratch = &snapshot.scratch;
+                    block_mut(&mut snapshot.blocks, labels).add(|i| scratch[i], true);
+                }
             }
         }
+        snapshot.finish();
         let now_epoch = self.epoch_at(now);
         let acc = &mut snapshot.accumulator;
         for (q, out) in Quantiles::ALL.iter().zip(snapshot.summaries.iter_mut()) {
@@ -180,8 +337,6 @@ impl ShardSet {
         }
     }
 }
-
-use std::sync::atomic::Ordering;
 
 /// The only handle that writes a shard. Not `Clone`.
 pub struct ShardWriter<'a> {
@@ -199,26 +354,37 @@ impl ShardWriter<'_> {
         self.epoch = self.set.epoch_at(now);
     }
 
+    /// Records `value` (in the series' stored unit) into block 0 for a keyed
+    /// series, and into its summary if it has one.
+    #[inline(always)]
+    pub fn observe(&mut self, series: Series, value: u64) {
+        self.observe_in(BlockId::NODE, series, value);
+    }
+
     /// Records `value` (in the series' stored unit) into its bucket and sum,
-    /// and into its summary if it has one.
+    /// in `block` for a keyed series (the shard's own slots otherwise), and
+    /// into its summary if it has one (summaries are the node's: one per
+    /// shard, whatever the block).
     ///
     /// Always inlined: callers mostly pass a constant series, and then the
     /// table lookups fold away and the bucket search is unrolled over the
     /// family's bounds.
     #[inline(always)]
-    pub fn observe(&mut self, series: Series, value: u64) {
+    pub fn observe_in(&mut self, block: BlockId, series: Series, value: u64) {
         let Layout {
             offset,
             bounds,
             summary,
+            keyed,
         } = LAYOUTS[series as usize];
+        let at = if keyed { block_base(block.0) } else { 0 } + offset;
         // First bound >= value (`le` is inclusive); bounds.len() is +Inf.
         let bucket = bounds.partition_point(|&b| b < value);
         // Both slots found before either is written: a store to an atomic
         // would make the compiler load the shard's line pointer again.
         let (count, sum) = (
-            self.shard.slot(offset + bucket),
-            self.shard.slot(offset + bounds.len() + 1),
+            self.shard.slot(at + bucket),
+            self.shard.slot(at + bounds.len() + 1),
         );
         self.add(count, 1);
         self.add_f64(sum, value);
@@ -231,6 +397,34 @@ impl ShardWriter<'_> {
     #[inline]
     pub fn count(&mut self, counter: Counter, n: u64) {
         self.add(self.shard.slot(counter.slot()), n);
+    }
+
+    /// Labels `block` with `labels`, or frees it with `None`. Its series
+    /// start again from zero under the new labels, or leave the exposition.
+    /// Allocates nothing and takes no lock; costs one pass over the block's
+    /// slots, so it belongs where a flow first meets its block, not on every
+    /// event.
+    pub fn relabel(&mut self, block: BlockId, labels: Option<BlockLabels>) {
+        let head = &self.shard.heads[block.0];
+        let sequence = head.sequence.load(Relaxed);
+        head.sequence.store(sequence.wrapping_add(1), Relaxed);
+        // Orders the odd sequence before every store below, for a scrape
+        // that reads any of them (module doc).
+        fence(Release);
+        let (state, key) = match labels {
+            None => (FREE, [0; 3]),
+            Some(BlockLabels::Node) => (NODE, [0; 3]),
+            Some(BlockLabels::Key(key)) => (KEYED, key.0),
+        };
+        head.state.store(state, Relaxed);
+        for (word, value) in head.key.iter().zip(key) {
+            word.store(value, Relaxed);
+        }
+        let base = block_base(block.0);
+        for i in 0..BLOCK_SLOTS {
+            self.shard.slot(base + i).store(0, Relaxed);
+        }
+        head.sequence.store(sequence.wrapping_add(2), Release);
     }
 
     /// Adds `n` to `slot`, one of this writer's shard's.
@@ -267,12 +461,145 @@ pub struct SummarySnapshot {
     pub quantiles: Vec<Option<f64>>,
 }
 
-/// Every shard added together: what one scrape renders. Allocated once by the
-/// exporter thread and reused for every scrape.
-pub struct Snapshot {
+/// The series of one region (a block, or a shard's own slots) added over
+/// shards: bucket counts, and the sums decoded from their `f64` bits (the
+/// sum slots among `slots` add up those bits and mean nothing).
+#[derive(Clone, Debug)]
+struct Region {
     slots: Box<[u64]>,
-    /// Histogram sums, in `Series::ALL` order (their slots hold `f64` bits).
+    /// Sums, indexed by `Series as usize`.
     sums: [f64; Series::ALL.len()],
+}
+
+impl Region {
+    fn new(slots: usize) -> Region {
+        Region {
+            slots: vec![0; slots].into_boxed_slice(),
+            sums: [0.0; Series::ALL.len()],
+        }
+    }
+
+    fn clear(&mut self) {
+        self.slots.iter_mut().for_each(|s| *s = 0);
+        self.sums = [0.0; Series::ALL.len()];
+    }
+
+    /// Adds the region whose slot `i` reads `slot(i)`: a block's
+    /// (`keyed`) or a shard's own.
+    fn add(&mut self, slot: impl Fn(usize) -> u64, keyed: bool) {
+        for (i, total) in self.slots.iter_mut().enumerate() {
+            *total = total.wrapping_add(slot(i));
+        }
+        for s in Series::ALL.into_iter().filter(|s| s.keyed() == keyed) {
+            self.sums[s as usize] += f64::from_bits(slot(s.sum_slot()));
+        }
+    }
+
+    /// Adds another region of the same kind, already decoded.
+    fn add_region(&mut self, other: &Region) {
+        for (total, v) in self.slots.iter_mut().zip(other.slots.iter()) {
+            *total = total.wrapping_add(*v);
+        }
+        for (total, v) in self.sums.iter_mut().zip(other.sums) {
+            *total += v;
+        }
+    }
+
+    fn buckets(&self, series: Series) -> &[u64] {
+        let at = series.offset();
+        &self.slots[at..at + series.family().bounds.len() + 1]
+    }
+}
+
+/// One label set's Service series at a scrape: its blocks in every shard
+/// added together.
+#[derive(Clone, Debug)]
+pub struct BlockSnapshot {
+    labels: BlockLabels,
+    values: Region,
+    /// Whether the scrape being merged found the label set.
+    seen: bool,
+}
+
+impl BlockSnapshot {
+    fn new(labels: BlockLabels) -> BlockSnapshot {
+        BlockSnapshot {
+            labels,
+            values: Region::new(BLOCK_SLOTS),
+            seen: false,
+        }
+    }
+
+    /// Its labels.
+    pub fn labels(&self) -> BlockLabels {
+        self.labels
+    }
+
+    /// The keyed series' bucket counts, not cumulative, `+Inf` last (empty
+    /// for a series that is not keyed).
+    pub fn buckets(&self, series: Series) -> &[u64] {
+        if series.keyed() {
+            self.values.buckets(series)
+        } else {
+            &[]
+        }
+    }
+
+    /// Cumulative bucket counts of the series, `+Inf` last, written into `out`.
+    pub fn cumulative(&self, series: Series, out: &mut Vec<u64>) {
+        cumulative(self.buckets(series), out);
+    }
+
+    /// Observations in the series (equal to its `+Inf` bucket).
+    pub fn count(&self, series: Series) -> u64 {
+        count(self.buckets(series))
+    }
+
+    /// Sum of the series' observations, in its stored unit.
+    pub fn sum(&self, series: Series) -> f64 {
+        self.values.sums[series as usize]
+    }
+}
+
+/// The block of `labels` in `blocks` (ordered by labels), added if new, and
+/// marked as found by this scrape.
+fn block_mut(blocks: &mut Vec<BlockSnapshot>, labels: BlockLabels) -> &mut Region {
+    let at = match blocks.binary_search_by(|b| b.labels.cmp(&labels)) {
+        Ok(at) => at,
+        Err(at) => {
+            blocks.insert(at, BlockSnapshot::new(labels));
+            at
+        }
+    };
+    blocks[at].seen = true;
+    &mut blocks[at].values
+}
+
+fn cumulative(buckets: &[u64], out: &mut Vec<u64>) {
+    out.clear();
+    let mut total = 0u64;
+    for &n in buckets {
+        total = total.wrapping_add(n);
+        out.push(total);
+    }
+}
+
+fn count(buckets: &[u64]) -> u64 {
+    buckets.iter().fold(0u64, |a, &n| a.wrapping_add(n))
+}
+
+/// Every shard added together: what one scrape renders. Allocated once by the
+/// exporter thread and reused for every scrape (a label set seen for the
+/// first time adds one block).
+pub struct Snapshot {
+    /// The shards' own slots.
+    own: Region,
+    /// One per label set found, ordered by labels.
+    blocks: Vec<BlockSnapshot>,
+    /// Every block added: the node's figures of the keyed series.
+    total: BlockSnapshot,
+    /// One block as read from one shard.
+    scratch: Box<[u64]>,
     summaries: [SummarySnapshot; Quantiles::ALL.len()],
     accumulator: QuantileAccumulator,
 }
@@ -280,8 +607,10 @@ pub struct Snapshot {
 impl Default for Snapshot {
     fn default() -> Self {
         Snapshot {
-            slots: vec![0; SHARD_SLOTS].into_boxed_slice(),
-            sums: [0.0; Series::ALL.len()],
+            own: Region::new(SHARD_SLOTS),
+            blocks: Vec::new(),
+            total: BlockSnapshot::new(BlockLabels::Node),
+            scratch: vec![0; BLOCK_SLOTS].into_boxed_slice(),
             summaries: std::array::from_fn(|i| SummarySnapshot {
                 quantiles: vec![None; Quantiles::ALL[i].objectives().len()],
             }),
@@ -291,43 +620,66 @@ impl Default for Snapshot {
 }
 
 impl Snapshot {
+    fn begin(&mut self) {
+        self.own.clear();
+        for block in &mut self.blocks {
+            block.values.clear();
+            block.seen = false;
+        }
+    }
+
+    /// Drops the label sets no shard has any more; adds up the total.
+    fn finish(&mut self) {
+        self.blocks.retain(|b| b.seen);
+        self.total.values.clear();
+        for block in &self.blocks {
+            self.total.values.add_region(&block.values);
+        }
+    }
+
+    /// Every label set of the Service families, ordered by labels.
+    pub fn blocks(&self) -> &[BlockSnapshot] {
+        &self.blocks
+    }
+
     /// A summary series.
     pub fn summary(&self, q: Quantiles) -> &SummarySnapshot {
         &self.summaries[q as usize]
     }
 
-    /// The series' bucket counts, not cumulative, `+Inf` last.
+    /// The series' bucket counts, not cumulative, `+Inf` last; for a keyed
+    /// series, over every block.
     pub fn buckets(&self, series: Series) -> &[u64] {
-        let at = series.offset();
-        &self.slots[at..at + series.family().bounds.len() + 1]
+        if series.keyed() {
+            self.total.buckets(series)
+        } else {
+            self.own.buckets(series)
+        }
     }
 
     /// Cumulative bucket counts of the series, `+Inf` last, written into `out`.
     pub fn cumulative(&self, series: Series, out: &mut Vec<u64>) {
-        out.clear();
-        let mut total = 0u64;
-        for &n in self.buckets(series) {
-            total = total.wrapping_add(n);
-            out.push(total);
-        }
+        cumulative(self.buckets(series), out);
     }
 
     /// Observations in the series (equal to its `+Inf` bucket).
     pub fn count(&self, series: Series) -> u64 {
-        self.buckets(series)
-            .iter()
-            .fold(0u64, |a, &n| a.wrapping_add(n))
+        count(self.buckets(series))
     }
 
     /// Sum of the series' observations, in its stored unit (exact while
-    /// below 2^53).
+    /// below 2^53); for a keyed series, over every block.
     pub fn sum(&self, series: Series) -> f64 {
-        self.sums[series as usize]
+        if series.keyed() {
+            self.total.sum(series)
+        } else {
+            self.own.sums[series as usize]
+        }
     }
 
     /// A counter's total.
     pub fn counter(&self, counter: Counter) -> u64 {
-        self.slots[counter.slot()]
+        self.own.slots[counter.slot()]
     }
 }
 
@@ -382,7 +734,120 @@ mod tests {
             assert_eq!(layout.offset + layout.bounds.len() + 1, s.sum_slot());
             let summary = Quantiles::of(s).map_or(NO_SUMMARY, |q| q as usize);
             assert_eq!(layout.summary, summary, "{s:?}");
+            assert_eq!(layout.keyed, s.keyed(), "{s:?}");
         }
+        // Blocks start on cache lines of their own, after the shard's slots.
+        assert!(block_base(0) >= SHARD_SLOTS);
+        assert!(block_base(1) - block_base(0) >= BLOCK_SLOTS);
+        assert_eq!(block_base(1) % SLOTS_PER_LINE, 0);
+    }
+
+    fn key(n: u64) -> BlockLabels {
+        BlockLabels::Key(SeriesKey([n, 0, 0]))
+    }
+
+    #[test]
+    fn blocks_get_labels_at_run_time_and_merge_by_label_across_shards() {
+        let set = ShardSet::with_blocks(2, window(), 3);
+        assert_eq!(set.block(3), None);
+        let (b1, b2) = (set.block(1).unwrap(), set.block(2).unwrap());
+        let mut snap = Snapshot::default();
+        {
+            let mut w0 = set.writer(0).unwrap();
+            let mut w1 = set.writer(1).unwrap();
+            w0.relabel(b1, Some(key(7)));
+            w0.relabel(b2, Some(key(9)));
+            // The same key in another block of another shard: one series.
+            w1.relabel(b2, Some(key(7)));
+            w0.observe(Series::Duration, 10);
+            w0.observe_in(b1, Series::Duration, 20);
+            w1.observe_in(b2, Series::Duration, 30);
+            w0.observe_in(b2, Series::SeenReplyLatency, 40);
+            // Not keyed: the shard's own slots, whatever the block.
+            w0.observe_in(b2, Series::ReaderBatch, 4);
+        }
+        set.merge_into(&mut snap);
+        let labels: Vec<_> = snap.blocks().iter().map(|b| b.labels()).collect();
+        assert_eq!(labels, [BlockLabels::Node, key(7), key(9)]);
+        let [node, seven, nine] = snap.blocks() else {
+            unreachable!()
+        };
+        assert_eq!(node.count(Series::Duration), 1);
+        assert_eq!(seven.count(Series::Duration), 2);
+        assert_eq!(seven.sum(Series::Duration), 50.0);
+        assert_eq!(nine.count(Series::Duration), 0);
+        assert_eq!(nine.count(Series::SeenReplyLatency), 1);
+        assert_eq!(nine.count(Series::ReaderBatch), 0, "not a block series");
+        // The node's figures add up every block.
+        assert_eq!(snap.count(Series::Duration), 3);
+        assert_eq!(snap.sum(Series::Duration), 60.0);
+        assert_eq!(snap.count(Series::ReaderBatch), 1);
+        // Freed: the label set leaves; relabelled: it starts from zero.
+        {
+            let mut w0 = set.writer(0).unwrap();
+            w0.relabel(b2, None);
+            w0.relabel(b1, Some(key(8)));
+        }
+        set.merge_into(&mut snap);
+        let labels: Vec<_> = snap.blocks().iter().map(|b| b.labels()).collect();
+        assert_eq!(labels, [BlockLabels::Node, key(7), key(8)]);
+        assert_eq!(snap.blocks()[1].count(Series::Duration), 1, "shard 1's");
+        assert_eq!(snap.blocks()[2].count(Series::Duration), 0);
+        assert_eq!(snap.count(Series::Duration), 2);
+    }
+
+    /// A writer relabels one block over and over, each key with values of
+    /// its own bucket, while a scraper merges: a label set is never shown
+    /// with another's counts, and counts never exceed what was recorded.
+    #[test]
+    fn stress_relabelling_never_tears_a_block() {
+        const KEYS: u64 = 20_000;
+        const PER_KEY: u64 = 50;
+        let bounds = crate::stats::family::SERVICE_DURATION.bounds;
+        let value = |n: u64| bounds[(n as usize) % bounds.len()];
+        let set = Arc::new(ShardSet::with_blocks(1, window(), 2));
+        let done = Arc::new(AtomicBool::new(false));
+        let scraper = {
+            let (set, done) = (Arc::clone(&set), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let mut snap = Snapshot::default();
+                let mut keyed = 0u64;
+                while !done.load(Ordering::Acquire) {
+                    set.merge_into(&mut snap);
+                    for block in snap.blocks() {
+                        let BlockLabels::Key(SeriesKey([n, _, _])) = block.labels() else {
+                            continue;
+                        };
+                        keyed += 1;
+                        let buckets = block.buckets(Series::Duration);
+                        let own = (n as usize) % bounds.len();
+                        for (i, &c) in buckets.iter().enumerate() {
+                            assert!(i == own || c == 0, "key {n} shows bucket {i}: {buckets:?}");
+                        }
+                        assert!(buckets[own] <= PER_KEY, "key {n}: {}", buckets[own]);
+                        let sum = block.sum(Series::Duration);
+                        assert!(sum <= (PER_KEY * value(n)) as f64, "key {n}: sum {sum}");
+                    }
+                }
+                keyed
+            })
+        };
+        {
+            let mut w = set.writer(0).unwrap();
+            let block = set.block(1).unwrap();
+            for n in 1..=KEYS {
+                w.relabel(block, Some(key(n)));
+                for _ in 0..PER_KEY {
+                    w.observe_in(block, Series::Duration, value(n));
+                }
+            }
+        }
+        done.store(true, Ordering::Release);
+        assert!(scraper.join().unwrap() > 0, "the scraper saw keyed blocks");
+        let mut snap = Snapshot::default();
+        set.merge_into(&mut snap);
+        assert_eq!(snap.blocks()[1].labels(), key(KEYS));
+        assert_eq!(snap.blocks()[1].count(Series::Duration), PER_KEY);
     }
 
     #[test]

@@ -2,8 +2,7 @@
 //! receive from it.
 //!
 //! Owns: every `unsafe` block of the crate, each a small wrapper around one
-//! syscall with a `// SAFETY:` argument. File descriptors are owned by
-//! `netlink_sys::Socket` (never cloned: it closes its fd on drop).
+//! syscall with a `// SAFETY:` argument. File descriptors are `OwnedFd`s.
 //! Never: parses messages (that is `wire/`) or allocates after setup; the
 //! receive path makes exactly one syscall per batch.
 

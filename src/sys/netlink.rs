@@ -1,8 +1,15 @@
 //! The `NETLINK_NETFILTER` socket joined to the conntrack event groups, with
 //! an enlarged receive buffer.
+//!
+//! Owns: the socket's file descriptor, as an `OwnedFd` (closed once, when the
+//! socket drops; the type is not `Clone`). netlink-sys sets the socket up
+//! and then hands its descriptor over: its `Socket` is `Clone` over a raw fd
+//! that each copy closes on drop, so it is never kept.
+//! Never: reads from the socket (that is `recv`), or enables
+//! `NETLINK_NO_ENOBUFS` or `NETLINK_BROADCAST_ERROR`.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
@@ -34,7 +41,7 @@ impl EventGroups {
 /// A netlink socket subscribed to conntrack events.
 #[derive(Debug)]
 pub struct ConntrackSocket {
-    socket: Socket,
+    fd: OwnedFd,
     granted_rcvbuf: usize,
 }
 
@@ -72,10 +79,11 @@ impl ConntrackSocket {
             }
         }
         let granted_rcvbuf = socket.get_rx_buf_sz()?;
-        Ok(ConntrackSocket {
-            socket,
-            granted_rcvbuf,
-        })
+        // SAFETY: `into_raw_fd` gives up the `Socket`'s ownership of its
+        // open descriptor (it forgets the `Socket`, so nothing else closes
+        // it): the `OwnedFd` is its one owner from here on.
+        let fd = unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) };
+        Ok(ConntrackSocket { fd, granted_rcvbuf })
     }
 
     /// The receive buffer the kernel granted, in bytes.
@@ -87,13 +95,19 @@ impl ConntrackSocket {
     /// kernel runs it on each event before queueing it, so what it drops
     /// takes no receive-buffer space and causes no overrun.
     pub fn attach_filter(&self, program: &[libc::sock_filter]) -> io::Result<()> {
-        super::filter::attach_filter(self.socket.as_raw_fd(), program)
+        super::filter::attach_filter(self.fd.as_raw_fd(), program)
     }
 }
 
 impl AsRawFd for ConntrackSocket {
     fn as_raw_fd(&self) -> RawFd {
-        self.socket.as_raw_fd()
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for ConntrackSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 
