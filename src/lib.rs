@@ -30,7 +30,6 @@
 //! `benches/pipeline.rs`).
 
 #![deny(unsafe_code)]
-#![warn(missing_docs)]
 
 /// One line on stderr, prefixed with the program's name. A closed or full
 /// stderr must not stop the exporter, so write errors are ignored

@@ -217,7 +217,29 @@ pub fn service_event_filter(
         (None, FlowEvents::All) => Verdict::Ret(PASS),
         _ => Verdict::Ja(keep_label),
     };
+    let (v4, v6) = (a.label(), a.label());
+    conntrack_event_family(&mut a, v4, v6);
+    a.bind(v4);
+    v4_destination(&mut a, &services, &excluded, keep);
+    a.bind(v6);
+    v6_destination(&mut a, &services, &excluded, keep);
+    a.bind(keep_label);
+    kept_flow(&mut a, share, events);
 
+    if a.ops.len() > BPF_MAXINSNS {
+        return Err(FilterError::TooLong {
+            ipv4_subnets: services.v4.len() + excluded.v4.len(),
+            ipv6_subnets: services.v6.len() + excluded.v6.len(),
+            instructions: a.ops.len(),
+        });
+    }
+    a.finish()
+}
+
+/// The program's start: whatever is not a conntrack NEW or DELETE event
+/// with a readable original tuple passes; then on to `v4` or `v6` by the
+/// event's family (other families pass). Leaves `X` at `CTA_TUPLE_IP`.
+fn conntrack_event_family(a: &mut Asm, v4: usize, v6: usize) {
     // Not a conntrack event, or too short to hold one: pass.
     a.stmt(LD | W | LEN, 0);
     a.ret_unless(JGE, (NLMSG_HDRLEN + NFGENMSG_LEN) as u32, PASS);
@@ -239,27 +261,30 @@ pub fn service_event_filter(
     a.bind(event);
 
     // CTA_TUPLE_ORIG at the top level, then CTA_TUPLE_IP inside it.
-    find_attribute(&mut a, &[CTA_TUPLE_ORIG, CTA_TUPLE_IP], PASS);
+    find_attribute(a, &[CTA_TUPLE_ORIG, CTA_TUPLE_IP], PASS);
     a.stmt(MISC | TAX, 0);
 
     a.stmt(LD | B | ABS, NLMSG_HDRLEN as u32);
-    let v6 = a.label();
-    let v4 = a.label();
     a.jump(JEQ, u32::from(AF_INET6), To::Skip(0), To::Skip(1));
     a.ja(v6);
     a.jump(JEQ, u32::from(AF_INET), To::Label(v4), To::Skip(0));
     a.ret(PASS);
+}
 
-    a.bind(v4);
-    find_destination(&mut a, CTA_IP_V4_DST, 4);
+/// An IPv4 event: dropped if its destination is excluded, `keep` if it is
+/// in a Service subnet, dropped otherwise.
+fn v4_destination(a: &mut Asm, services: &Lists, excluded: &Lists, keep: Verdict) {
+    find_destination(a, CTA_IP_V4_DST, 4);
     a.stmt(LD | W | IND, NLA_HDRLEN as u32);
     a.stmt(MISC | TAX, 0);
-    match_v4(&mut a, &excluded.v4, Verdict::Ret(DROP));
-    match_v4(&mut a, &services.v4, keep);
+    match_v4(a, &excluded.v4, Verdict::Ret(DROP));
+    match_v4(a, &services.v4, keep);
     a.ret(DROP);
+}
 
-    a.bind(v6);
-    find_destination(&mut a, CTA_IP_V6_DST, 16);
+/// An IPv6 event: as [`v4_destination`].
+fn v6_destination(a: &mut Asm, services: &Lists, excluded: &Lists, keep: Verdict) {
+    find_destination(a, CTA_IP_V6_DST, 16);
     if !services.v6.is_empty() {
         // The address's four words into M[0..4]: a scratch load is one
         // instruction once the kernel has translated the program to eBPF,
@@ -270,19 +295,22 @@ pub fn service_event_filter(
             a.stmt(ST, word);
         }
     }
-    match_v6(&mut a, &excluded.v6, Verdict::Ret(DROP));
-    match_v6(&mut a, &services.v6, keep);
+    match_v6(a, &excluded.v6, Verdict::Ret(DROP));
+    match_v6(a, &services.v6, keep);
     a.ret(DROP);
+}
 
-    a.bind(keep_label);
+/// An event of a kept flow: with [`FlowEvents::Used`] only the events the
+/// tracker may use, and with a share only the reader's flows, pass.
+fn kept_flow(a: &mut Asm, share: Option<ReaderShare>, events: FlowEvents) {
     if events == FlowEvents::Used {
         let used = a.label();
-        used_events_only(&mut a, used);
+        used_events_only(a, used);
         a.bind(used);
     }
     if let Some(share) = share {
         let no_id = if share.index() == 0 { PASS } else { DROP };
-        find_attribute(&mut a, &[CTA_ID], no_id);
+        find_attribute(a, &[CTA_ID], no_id);
         a.stmt(MISC | TAX, 0);
         a.stmt(LD | H | IND, 0);
         a.ret_unless(JEQ, ldh_value(nla_len(4)), no_id);
@@ -293,15 +321,6 @@ pub fn service_event_filter(
     } else if events == FlowEvents::Used {
         a.ret(PASS);
     }
-
-    if a.ops.len() > BPF_MAXINSNS {
-        return Err(FilterError::TooLong {
-            ipv4_subnets: services.v4.len() + excluded.v4.len(),
-            ipv6_subnets: services.v6.len() + excluded.v6.len(),
-            instructions: a.ops.len(),
-        });
-    }
-    a.finish()
 }
 
 /// The rule of [`tracker_may_use`], for an event of a kept flow: drops it or

@@ -162,19 +162,14 @@ mod tests {
         /// from it.
         fn u64s_at(&mut self, offset: usize, count: usize) -> &mut [MaybeUninit<u64>] {
             assert!(offset % 8 == 0 && offset + count * 8 <= self.len);
+            // SAFETY: `offset` lies inside the mapping (asserted above), so
+            // the pointer stays within one allocated object.
+            let start = unsafe { self.addr.cast::<u8>().add(offset) };
             // SAFETY: the range lies inside the mapping (asserted above),
             // which is readable, writable and u64-aligned at `offset`; the
             // slice borrows `self` mutably, so nothing else reads or writes
             // it meanwhile and it ends before the mapping is unmapped.
-            unsafe {
-                std::slice::from_raw_parts_mut(
-                    self.addr
-                        .cast::<u8>()
-                        .add(offset)
-                        .cast::<MaybeUninit<u64>>(),
-                    count,
-                )
-            }
+            unsafe { std::slice::from_raw_parts_mut(start.cast::<MaybeUninit<u64>>(), count) }
         }
     }
 

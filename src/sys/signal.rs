@@ -12,13 +12,12 @@ fn stop_set() -> libc::sigset_t {
     // SAFETY: `sigset_t` is a plain C struct for which all-zero bytes are a
     // valid value; `sigemptyset` then initialises it as the API requires.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, exclusively borrowed sigset_t; `sigemptyset`
-    // and `sigaddset` only write inside it, and the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for sig in STOP {
-            libc::sigaddset(&mut set, sig);
-        }
+    // SAFETY: `set` is a valid, exclusively borrowed sigset_t;
+    // `sigemptyset` only writes inside it.
+    unsafe { libc::sigemptyset(&mut set) };
+    for sig in STOP {
+        // SAFETY: as above, and `sig` is a valid signal number.
+        unsafe { libc::sigaddset(&mut set, sig) };
     }
     set
 }
