@@ -80,7 +80,9 @@ PY
 step "2. kubernetes-validate -k $K8S_VERSION --strict"
 if ! command -v kubernetes-validate >/dev/null; then
     echo "installing kubernetes-validate from PyPI"
-    python3 -m pip install --quiet kubernetes-validate || fail "pip install kubernetes-validate"
+    python3 -m pip install --quiet kubernetes-validate 2>/dev/null ||
+        python3 -m pip install --quiet --break-system-packages kubernetes-validate ||
+        fail "pip install kubernetes-validate"
 fi
 for f in "${rendered[@]}"; do
     docs=$(python3 -c 'import sys,yaml; print(sum(1 for d in yaml.safe_load_all(open(sys.argv[1])) if d))' "$f")

@@ -9,13 +9,13 @@
 # flow or lost an event.
 #
 # Needs root (namespaces, nftables, conntrack). Installs the Debian packages
-# (and the one PyPI package) the tests use when they are missing.
-# Usage: sudo tests/run.sh
+# and the PyPI packages the tests use when they are missing.
+# Usage, as root: tests/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" != 0 ]; then
-    echo "tests/run.sh: needs root (network namespaces, nftables, conntrack): sudo tests/run.sh" >&2
+    echo "tests/run.sh: needs root (network namespaces, nftables, conntrack): run it as root" >&2
     exit 2
 fi
 
@@ -32,10 +32,20 @@ fi
 # The reference OpenMetrics parser, PyYAML (deploy/validate.sh) and matplotlib
 # (the load-test plots), for the python3 on PATH (which may not be Debian's).
 # deploy/validate.sh installs kubernetes-validate (PyPI) itself.
+# A python3 without pip gets Debian's; one whose packages Debian manages
+# (PEP 668) takes them with --break-system-packages, as root may.
+pip_install() {
+    python3 -m pip --version >/dev/null 2>&1 || {
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip
+    }
+    python3 -m pip install -q --disable-pip-version-check "$@" 2>/dev/null ||
+        python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@"
+}
 for module_pkg in prometheus_client.openmetrics.parser:prometheus-client yaml:pyyaml matplotlib:matplotlib; do
     if ! python3 -c "import ${module_pkg%%:*}" 2>/dev/null; then
         echo "tests/run.sh: installing ${module_pkg#*:} (PyPI)"
-        python3 -m pip install -q --disable-pip-version-check "${module_pkg#*:}"
+        pip_install "${module_pkg#*:}"
     fi
 done
 
