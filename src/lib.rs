@@ -5,11 +5,18 @@
 //!  kernel conntrack ──ctnetlink multicast──▶ sys/    netlink socket, batched recvmmsg  (reader thread)
 //!                                            wire/   bytes -> CtEvent, in place        (reader thread)
 //!                                            flow/   what a flow's events mean         (reader thread)
-//!                                            stats/  per-writer atomic shards          (reader writes)
-//!                                            expo/   merge shards, text, HTTP          (exporter thread)
+//!                                            stats/  the registry: atomic shards       (reader writes)
+//!                                            expo/   merge, render once, serve HTTP    (exporter thread)
 //! ```
-//! `reader` is the loop that takes each batch through those stages;
-//! `config` turns flags into a validated [`config::Config`].
+//! `reader` takes each batch through those stages (`reader::EventPath`);
+//! `offload` pushes the flow layer's rules into the kernel (a socket
+//! filter, an event mask); `config` turns flags into a validated
+//! [`config::Config`].
+//!
+//! Layers, each using only those below it (`tests/layers.rs`): `sys`,
+//! `wire` and `stats` use no other; `flow` uses `wire`, `stats`, `sys`;
+//! `offload` uses `wire`, `flow`, `sys`; `reader` uses `sys`, `wire`,
+//! `flow`, `stats`; `expo` uses `stats`, `sys`; `config` uses `flow`.
 //!
 //! Guarantees each stage keeps:
 //! - `sys`: the only `unsafe` code, each block a small wrapper around one
@@ -21,13 +28,13 @@
 //! - `flow`: a table allocated at start, never grown; a latency is measured
 //!   only from a flow whose events all arrived.
 //! - `stats`: one writer per shard, no lock, no read-modify-write; a scrape
-//!   never sees a count go down.
-//! - `expo`: runs only on the exporter thread; bounded against hostile
-//!   clients.
+//!   never sees a count go down, nor a label set with another's counts.
+//! - `expo`: runs only on the exporter thread; every family rendered once,
+//!   no rendered text parsed again; bounded against hostile clients.
 //!
-//! The per-event path (`reader::handle_datagram`) allocates nothing, takes
-//! no lock, logs nothing and makes no syscall (`tests/no_alloc.rs`,
-//! `benches/pipeline.rs`).
+//! The per-event path (`reader::EventPath::datagram`, and the per-batch
+//! steps around it) allocates nothing, takes no lock, logs nothing and
+//! makes no syscall (`tests/no_alloc.rs`, `benches/pipeline.rs`).
 
 #![deny(unsafe_code)]
 

@@ -1,8 +1,11 @@
 //! Prometheus / OpenMetrics exposition and the HTTP endpoint.
 //!
-//! Owns: turning a merged [`crate::stats`] snapshot and the `metrics` facade's
-//! values into text, and serving it. Runs on the exporter thread only.
-//! Never: touches a shard for writing, or runs on the per-event reader thread.
+//! Owns: turning the registry ([`crate::stats::Registry`]: the merged shards
+//! and the self-metrics' cells) into text, once per scrape, in the format
+//! asked for ([`scrape`], line writers in [`formatting`]), and serving it
+//! ([`http`]). Runs on the exporter thread only.
+//! Never: writes a shard or a cell, parses text it rendered, or runs on a
+//! reader thread.
 
 pub mod formatting;
 pub mod http;
