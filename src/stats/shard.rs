@@ -34,14 +34,14 @@
 //!
 //! Relabelling a block is the one multi-word update: its labels change and
 //! its slots go back to zero together. It is a sequence lock: the writer
-//! makes the block's sequence odd, `Release` fence, rewrites labels and
-//! slots, then stores the next even sequence with `Release`. The scrape
-//! loads the sequence (`Acquire`), the labels and slots, an `Acquire`
-//! fence, and the sequence again; it keeps the block only if both readings
-//! are the same even number. A scrape that read any value written after the
-//! writer's fence synchronises with it and sees the odd (or a later)
-//! sequence, so it never pairs one label set with another's counts. A
-//! block caught mid-relabel is left out of that scrape.
+//! makes the block's sequence odd, `Release` fence, rewrites the labels and
+//! zeroes the slots in use, then stores the next even sequence with
+//! `Release`. The scrape loads the sequence (`Acquire`), the labels and
+//! slots, an `Acquire` fence, and the sequence again; it keeps the block
+//! only if both readings are the same even number. A scrape that read any
+//! value written after the writer's fence synchronises with it and sees the
+//! odd (or a later) sequence, so it never pairs one label set with
+//! another's counts. A block caught mid-relabel is left out of that scrape.
 //!
 //! A histogram's sum slot holds the bits of an `f64` (as Go's histograms
 //! keep their sums): observations are integers, added exactly while the sum
@@ -422,7 +422,14 @@ impl ShardWriter<'_> {
         }
         let base = block_base(block.0);
         for i in 0..BLOCK_SLOTS {
-            self.shard.slot(base + i).store(0, Relaxed);
+            // A slot that reads 0 is left alone: this writer is its only
+            // one, so the load returns its last store, and every scrape that
+            // keeps the block under the new sequence sees that store or a
+            // later one. Only the slots the old labels used are written.
+            let slot = self.shard.slot(base + i);
+            if slot.load(Relaxed) != 0 {
+                slot.store(0, Relaxed);
+            }
         }
         head.sequence.store(sequence.wrapping_add(2), Release);
     }
