@@ -1,8 +1,14 @@
 //! Proves the per-event path allocates nothing: a counting global allocator
-//! watches this thread while the whole fixture corpus is parsed four times
-//! (as single messages and as one datagram per capture, each by value and in
-//! place) and every event is recorded into a stats shard (counters,
-//! histograms, sliding-window quantiles) and given to the flow tracker.
+//! watches this thread while
+//! - the reader's own per-event functions ([`EventPath::begin_batch`],
+//!   [`EventPath::datagram`], [`EventPath::end_batch`],
+//!   [`EventPath::overrun`]), with a real stats shard, flow tracker and
+//!   self-metric handles, take the whole fixture corpus in batches of 64
+//!   datagrams, as the reader thread does, then a truncated and a malformed
+//!   datagram and an overrun;
+//! - the parser alone reads the corpus: each datagram by value
+//!   ([`CtEvent::parse`]) and in place ([`CtEvent::parse_into`]), each
+//!   capture as one datagram ([`Datagram`]), and cut-short messages.
 
 mod common;
 
@@ -11,8 +17,10 @@ use std::cell::Cell;
 use std::hint::black_box;
 
 use conntrack_metrics::flow::{FlowTracker, ServiceFilter};
+use conntrack_metrics::reader::EventPath;
+use conntrack_metrics::stats::self_metrics::{SeriesValue, READER_DATAGRAMS};
 use conntrack_metrics::stats::summary::SummaryWindow;
-use conntrack_metrics::stats::{Counter, Series, ShardSet, Snapshot};
+use conntrack_metrics::stats::{Counter, Registry, Series, ShardSet, Snapshot};
 use conntrack_metrics::wire::{CtEvent, Datagram, EventKind, Message};
 
 thread_local! {
@@ -48,28 +56,115 @@ fn allocations() -> u64 {
     ALLOCATIONS.with(Cell::get)
 }
 
-#[test]
-fn parsing_the_whole_fixture_corpus_allocates_nothing() {
-    let corpus: Vec<Vec<Vec<u8>>> = common::captures::CAPTURES
-        .iter()
-        .map(|n| common::captures::datagrams(n))
-        .collect();
-    let joined: Vec<Vec<u8>> = corpus.iter().map(|c| c.concat()).collect();
-
-    // The counter itself must see allocations, or the test proves nothing.
+/// The counter itself must see allocations, or a test proves nothing.
+fn assert_counting() {
     let before = allocations();
     black_box(vec![1u8; 64]);
     assert!(
         allocations() > before,
         "the counting allocator is not installed"
     );
+}
 
-    // The stats shard every event is recorded into, and the flow table,
-    // made before measuring (as the reader's are, before its loop).
-    let shards = ShardSet::new(1, SummaryWindow::from_minutes(10));
-    let mut shard = shards.writer(0).unwrap();
+/// Every capture's datagrams, each as `recvmsg` returned it.
+fn corpus() -> Vec<Vec<Vec<u8>>> {
+    common::captures::CAPTURES
+        .iter()
+        .map(|n| common::captures::datagrams(n))
+        .collect()
+}
+
+/// Messages (all events) in the fixture corpus.
+const EVENTS: u64 = 1962;
+
+/// Datagrams per receive, as the reader's default `--recv-batch`.
+const BATCH: usize = 64;
+
+#[test]
+fn the_readers_event_path_allocates_nothing() {
+    let corpus = corpus();
+    assert_counting();
+
+    // Made before measuring, as the reader's are before its loop: the
+    // registry, the flow table, and the path's self-metric handles (which
+    // registering allocates), through the real recorder.
+    let registry = Registry::new(ShardSet::new(1, SummaryWindow::from_minutes(10)));
     let services = ServiceFilter::new(vec!["10.96.0.0/16".parse().unwrap()], vec![]);
-    let mut flows = FlowTracker::new(services, 4096);
+    let tracker = FlowTracker::new(services, 4096);
+    let mut path = metrics::with_local_recorder(&registry.recorder(), || {
+        EventPath::new(0, registry.shards().writer(0).unwrap(), tracker, false)
+    });
+    // A datagram longer than its receive slot, and one whose message is cut
+    // in half (its header claims more bytes than the datagram has).
+    let truncated = corpus[0][0].clone();
+    let malformed = corpus[0][0][..corpus[0][0].len() / 2].to_vec();
+
+    let before = allocations();
+    let mut batches = 0u64;
+    let mut datagrams = 0u64;
+    for capture in &corpus {
+        for batch in capture.chunks(BATCH) {
+            let received_ns = path.begin_batch(batch.len());
+            for d in batch {
+                path.datagram(black_box(d), false, received_ns).unwrap();
+            }
+            path.end_batch().unwrap();
+            batches += 1;
+            datagrams += batch.len() as u64;
+        }
+    }
+    let received_ns = path.begin_batch(2);
+    path.datagram(&truncated, true, received_ns).unwrap();
+    path.datagram(&malformed, false, received_ns).unwrap();
+    path.end_batch().unwrap();
+    path.overrun();
+    let during = allocations() - before;
+    batches += 1;
+    datagrams += 2;
+    assert_eq!(during, 0, "{during} allocations in the reader's event path");
+
+    // What the path did: it counted and tracked every event.
+    let mut snap = Snapshot::default();
+    registry.shards().merge_into(&mut snap);
+    let events: u64 = [
+        Counter::EventsNew,
+        Counter::EventsUpdate,
+        Counter::EventsDestroy,
+    ]
+    .into_iter()
+    .map(|c| snap.counter(c))
+    .sum();
+    assert_eq!(events, EVENTS);
+    assert_eq!(snap.counter(Counter::TruncatedDatagrams), 1);
+    assert_eq!(snap.counter(Counter::MalformedMessages), 1);
+    assert_eq!(snap.counter(Counter::NetlinkOverruns), 1);
+    assert_eq!(snap.count(Series::ReaderBatch), batches);
+    assert_eq!(snap.sum(Series::ReaderBatch), datagrams as f64);
+    assert!(
+        snap.count(Series::SeenReplyLatency) >= 61 + 99,
+        "flows were tracked: {} seen-reply observations",
+        snap.count(Series::SeenReplyLatency)
+    );
+    assert!(snap.count(Series::Duration) > 0, "flows were closed");
+    // Its self-metric handle is the registry's.
+    let mut counted = None;
+    registry.self_metrics().for_each(|family| {
+        if family.name() == READER_DATAGRAMS {
+            for (_, value) in family.series() {
+                if let SeriesValue::Counter(n) = value {
+                    counted = Some(n);
+                }
+            }
+        }
+    });
+    assert_eq!(counted, Some(datagrams), "{READER_DATAGRAMS}");
+}
+
+#[test]
+fn parsing_the_whole_fixture_corpus_allocates_nothing() {
+    let corpus = corpus();
+    let joined: Vec<Vec<u8>> = corpus.iter().map(|c| c.concat()).collect();
+    assert_counting();
 
     let before = allocations();
     let mut events = 0u64;
@@ -93,59 +188,34 @@ fn parsing_the_whole_fixture_corpus_allocates_nothing() {
             }
         }
     }
-    // The hot path: one slot reused, per message and per datagram.
+    // One slot reused, per message and per datagram.
     let mut slot = CtEvent::empty(EventKind::New, 0);
     for datagrams in &corpus {
         for d in datagrams {
             match CtEvent::parse_into(black_box(d), &mut slot) {
-                Ok(()) => {
-                    events += 1;
-                    // What the reader does with an event, and what flow
-                    // tracking will: counters, histograms, window quantiles.
-                    shard.count(Counter::EventsUpdate, 1);
-                    if let Some(ts) = slot.timestamp_event {
-                        shard.set_time(std::time::Instant::now());
-                        shard.observe(Series::SeenReplyLatency, ts % 1_000_000_000);
-                        shard.observe(Series::BytesToService, ts % 100_000);
-                        shard.observe(Series::FinThroughputFromService, ts);
-                    }
-                }
+                Ok(()) => events += 1,
                 Err(_) => errors += 1,
             }
             black_box(&slot);
         }
     }
-    // The reader's per-event path: parse in place, count, track the flow
-    // (every Service flow of the captures yields its observations).
     for d in &joined {
         let mut walk = Datagram::new(black_box(d));
         while let Some(m) = walk.next_into(&mut slot) {
             match black_box(m) {
-                Ok(Message::Event(())) => {
-                    events += 1;
-                    shard.count(Counter::EventsNew, 1);
-                    flows.event(&slot, 1_795_000_000_000_000_000, &mut shard);
-                }
+                Ok(Message::Event(())) => events += 1,
                 _ => errors += 1,
             }
+            black_box(&slot);
         }
     }
-    flows.flush(&mut shard);
-    flows.overrun(1_795_000_000_000_000_000, &mut shard);
     // A malformed message costs no allocation either (typed, Copy errors).
     for d in &corpus[0] {
         let cut = &d[..d.len() / 2];
         errors += u64::from(black_box(CtEvent::parse(cut)).is_err());
     }
     let during = allocations() - before;
-    drop(shard);
-    let mut snap = Snapshot::default();
-    shards.merge_into(&mut snap);
-    assert!(
-        snap.count(Series::SeenReplyLatency) >= 61 + 99,
-        "flows were tracked"
-    );
     assert_eq!(during, 0, "{during} allocations while parsing");
-    assert_eq!(events, 4 * 1962);
+    assert_eq!(events, 4 * EVENTS);
     assert_eq!(errors, corpus[0].len() as u64);
 }

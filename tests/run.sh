@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test of conntrack-metrics: formatting, lints, unit and property
-# tests, the fixture golden tests, the end-to-end tests against the real
-# kernel (in network namespaces it creates and removes), the benches in test
-# mode, a compile check of the fuzz targets, and the deployment manifests and
-# dashboard (deploy/validate.sh), and a small run of each load-test harness
-# (loadtest/: the ab workload, the iperf3 throughput workload, the overhead
-# benchmark with UDP and TCP flows), each failing when the exporter missed a
-# flow or lost an event.
+# tests, the loom model of the shard protocol (a build of its own with
+# --cfg loom, in target/loom), the fixture golden tests, the end-to-end tests
+# against the real kernel (in network namespaces it creates and removes), the
+# benches in test mode, a compile check of the fuzz targets, and the
+# deployment manifests and dashboard (deploy/validate.sh), and a small run of
+# each load-test harness (loadtest/: the ab workload, the iperf3 throughput
+# workload, the overhead benchmark with UDP and TCP flows), each failing when
+# the exporter missed a flow or lost an event.
 #
 # Needs root (namespaces, nftables, conntrack). Installs the Debian packages
 # and the PyPI packages the tests use when they are missing.
@@ -65,6 +66,9 @@ smoke=$(mktemp -d)
 trap 'rm -rf "$log" "$smoke"' EXIT
 printf '\n==> cargo test --all-targets\n'
 cargo test --all-targets 2>&1 | tee "$log"
+# The loom model of the shard protocol (src/stats/shard.rs, loom_model), in a
+# target dir of its own so that the --cfg loom build leaves the normal one be.
+step env RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom 2>&1 | tee -a "$log"
 
 # The load-test harnesses, small (about a minute and a half in all), with the debug build
 # (their figures are not the point here). Each exits non-zero when the

@@ -15,6 +15,7 @@ pub mod registry;
 pub mod self_metrics;
 pub mod shard;
 pub mod summary;
+mod sync;
 
 pub use family::{Counter, Quantiles, Series};
 pub use registry::Registry;
