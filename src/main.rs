@@ -23,7 +23,7 @@ use conntrack_metrics::reader::{wall_clock_ns, ReaderOptions};
 use conntrack_metrics::stats::self_metrics::{RECEIVE_BUFFER, SCRAPE_DURATION};
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::{Registry, ShardSet};
-use conntrack_metrics::sys::signal;
+use conntrack_metrics::sys::signal::{self, Signal};
 use conntrack_metrics::sys::sysctl::{self, Outcome};
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups};
 
@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         log!("cannot block termination signals: {e}");
         return ExitCode::FAILURE;
     }
+    threads::report_reader_panics();
     let config = Config::parse_args();
     match run(&config) {
         Ok(()) => ExitCode::SUCCESS,
@@ -249,14 +250,28 @@ fn reader_options(config: &Config) -> ReaderOptions {
     }
 }
 
-/// SIGTERM, SIGINT, SIGHUP: `stop` (the readers and the endpoint), from a
-/// thread of its own; `main` returns once they have.
+/// SIGTERM, SIGINT: `stop` (the readers and the endpoint), from a thread of
+/// its own; `main` returns once they have. SIGHUP is logged and changes
+/// nothing: the configuration is the command line, which a running process
+/// cannot read again.
 fn stop_on_signals(stop: impl FnOnce() + Send + 'static) -> io::Result<()> {
     std::thread::Builder::new()
         .name("ct-signals".into())
         .spawn(move || {
-            if let Ok(name) = signal::wait_for_stop_signal() {
-                log!("{name}: stopping");
+            loop {
+                match signal::wait_for_signal() {
+                    Ok(Signal::Hup) => {
+                        log!("SIGHUP: nothing to reload (the configuration is the command line); still running")
+                    }
+                    Ok(signal) => {
+                        log!("{}: stopping", signal.name());
+                        break;
+                    }
+                    Err(e) => {
+                        log!("waiting for signals failed ({e}): stopping");
+                        break;
+                    }
+                }
             }
             stop();
         })?;
@@ -264,7 +279,8 @@ fn stop_on_signals(stop: impl FnOnce() + Send + 'static) -> io::Result<()> {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on this thread until stopped;
-/// `/readyz` is 200 while every reader's loop runs.
+/// `/healthz` is 200 while no reader is stuck on a batch, `/readyz` while
+/// moreover every reader's loop runs.
 fn serve(
     config: &Config,
     registry: Arc<Registry>,
@@ -286,6 +302,7 @@ fn serve(
                 scrape_duration.record(start.elapsed().as_secs_f64());
             },
             &|| readers.ready(),
+            &|| readers.healthy(),
         )
         .map_err(|e| io::Error::new(e.kind(), format!("HTTP endpoint stopped: {e}")))
 }

@@ -68,7 +68,7 @@ impl Server {
                         out.extend_from_slice(body(format));
                     };
                     let ready = || ready.load(Ordering::Relaxed);
-                    endpoint.run(&mut render, &ready)
+                    endpoint.run(&mut render, &ready, &|| true)
                 })
                 .unwrap()
         };
@@ -772,7 +772,7 @@ fn stop_makes_run_return_at_once() {
     // Stopped before it runs: returns at once too.
     let (endpoint, stop) = Endpoint::bind("127.0.0.1:0".parse().unwrap(), test_limits()).unwrap();
     stop.stop();
-    endpoint.run(&mut |_, _| {}, &|| true).unwrap();
+    endpoint.run(&mut |_, _| {}, &|| true, &|| true).unwrap();
 }
 
 /// The handle may be gone before `run` reads the wake-up: the stop still
@@ -785,7 +785,7 @@ fn stop_lands_even_when_every_handle_is_dropped_at_once() {
             Endpoint::bind("127.0.0.1:0".parse().unwrap(), test_limits()).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let server = std::thread::spawn(move || {
-            let result = endpoint.run(&mut |_, _| {}, &|| true);
+            let result = endpoint.run(&mut |_, _| {}, &|| true, &|| true);
             let _ = tx.send(());
             result
         });

@@ -1,7 +1,8 @@
 //! The exporter's start and stop against the real kernel: it turns on the
 //! conntrack accounting and timestamp sysctls of its network namespace (or,
-//! with `--no-sysctl`, leaves them and warns), and SIGTERM, SIGINT or SIGHUP
-//! stop it cleanly within a second. Needs root.
+//! with `--no-sysctl`, leaves them and warns); SIGTERM or SIGINT stop it
+//! cleanly within a second, and SIGHUP is logged and stops nothing. Needs
+//! root.
 
 mod common;
 
@@ -91,7 +92,7 @@ fn stop_signals_end_it_cleanly_within_a_second() {
         return;
     }
     let mut vn = VirtualNode::new();
-    for (i, signal) in ["TERM", "INT", "HUP"].into_iter().enumerate() {
+    for (i, signal) in ["TERM", "INT"].into_iter().enumerate() {
         let port = 9100 + i as u16;
         let (pid, _) = start(&mut vn, port, &[]);
         let (head, _) = get(&vn, port, "/readyz", None);
@@ -105,6 +106,41 @@ fn stop_signals_end_it_cleanly_within_a_second() {
             "SIG{signal}: {status:?} after {took:?}"
         );
     }
+}
+
+#[test]
+fn sighup_is_logged_and_stops_nothing() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut vn = VirtualNode::new();
+    let node = vn.node.clone();
+    let argv = [
+        env!("CARGO_BIN_EXE_conntrack-metrics"),
+        "--metrics-bind-address",
+        "127.0.0.1:9103",
+    ];
+    let child = vn.spawn(&node, &argv, Stdio::null(), Stdio::piped());
+    let pid = child.id();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("serving") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "exited");
+    }
+    common::netns::run(&["kill", "-HUP", &pid.to_string()]);
+    line.clear();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("SIGHUP: nothing to reload"), "{line}");
+    assert!(
+        vn.wait_child(pid, Duration::from_secs(1)).is_none(),
+        "SIGHUP stopped it"
+    );
+    let (head, _) = get(&vn, 9103, "/readyz", None);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    common::netns::run(&["kill", "-TERM", &pid.to_string()]);
+    let status = vn.wait_child(pid, Duration::from_secs(1));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
 /// Each thread of `pid`: its name and its allowed CPUs (cpulist form).

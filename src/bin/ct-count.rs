@@ -121,7 +121,7 @@ fn run(drain_delay: std::time::Duration, services: &[Subnet]) -> io::Result<(u64
         std::thread::Builder::new()
             .name("ct-signals".into())
             .spawn(move || {
-                let _ = signal::wait_for_stop_signal();
+                let _ = signal::wait_for_signal();
                 stopping.store(true, Ordering::Release);
                 let _ = waker.wake();
             })?;

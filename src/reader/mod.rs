@@ -14,7 +14,7 @@ pub mod threads;
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -35,6 +35,85 @@ pub const WAKE: Token = Token(1);
 
 /// At most one log line about overruns per this interval.
 pub const OVERRUN_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A reader that has been away from its poll this long without finishing a
+/// batch is stuck: `/healthz` says so. A batch takes microseconds; a
+/// drain of a garbage-collector burst of 100,000 events, batch after
+/// batch, well under a second.
+pub const READER_STUCK_AFTER: Duration = Duration::from_secs(5);
+
+/// What the endpoint's probes read of one reader: whether its loop runs,
+/// and since when it has been away from its poll. Written once per batch
+/// and once per wait (a `Relaxed` store each), read by the probes.
+#[derive(Debug, Default)]
+pub struct ReaderHealth {
+    ready: AtomicBool,
+    /// Wall clock (ms) of the batch being taken; 0 while waiting in poll.
+    busy_since_ms: AtomicU64,
+}
+
+impl ReaderHealth {
+    /// Whether the reader's loop runs.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Whether, at `now_ns` (wall clock), the reader has been on one batch
+    /// for longer than [`READER_STUCK_AFTER`].
+    pub fn stuck(&self, now_ns: u64) -> bool {
+        let since_ms = self.busy_since_ms.load(Ordering::Relaxed);
+        let limit_ms = READER_STUCK_AFTER.as_millis() as u64;
+        since_ms != 0 && (now_ns / 1_000_000).saturating_sub(since_ms) > limit_ms
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Taking a batch received at `at_ns`.
+    fn working(&self, at_ns: u64) {
+        self.busy_since_ms
+            .store((at_ns / 1_000_000).max(1), Ordering::Relaxed);
+    }
+
+    /// Back in poll.
+    fn waiting(&self) {
+        self.busy_since_ms.store(0, Ordering::Relaxed);
+    }
+}
+
+/// A fault a test build injects into a reader at its first batch, named by
+/// the environment variable `CONNTRACK_METRICS_FAULT`: `reader-panic` (the
+/// reader panics) or `reader-stall` (it stops reading until it is
+/// stopped). Debug builds only: a release build has no such code.
+#[cfg(debug_assertions)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    Panic,
+    Stall,
+}
+
+#[cfg(debug_assertions)]
+impl Fault {
+    fn from_env() -> Option<Fault> {
+        match std::env::var("CONNTRACK_METRICS_FAULT").ok()?.as_str() {
+            "reader-panic" => Some(Fault::Panic),
+            "reader-stall" => Some(Fault::Stall),
+            _ => None,
+        }
+    }
+
+    fn strike(self, stop: &AtomicBool) {
+        match self {
+            Fault::Panic => panic!("injected fault (CONNTRACK_METRICS_FAULT=reader-panic)"),
+            Fault::Stall => {
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
 
 /// How a reader reads, the same for every reader.
 #[derive(Clone, Copy, Debug)]
@@ -84,6 +163,8 @@ pub struct Reader<'a> {
     path: EventPath<'a>,
     drain_delay: Duration,
     overruns: OverrunLog,
+    #[cfg(debug_assertions)]
+    fault: Option<Fault>,
 }
 
 impl<'a> Reader<'a> {
@@ -107,28 +188,38 @@ impl<'a> Reader<'a> {
             path,
             drain_delay: options.drain_delay,
             overruns: OverrunLog::default(),
+            #[cfg(debug_assertions)]
+            fault: Fault::from_env(),
         })
     }
 
     /// Reads events until `stop` is set (and the waker woken) or the socket
-    /// fails. `ready` is true while the loop runs.
-    pub fn run(&mut self, stop: &AtomicBool, ready: &AtomicBool) -> io::Result<()> {
-        ready.store(true, Ordering::Release);
-        let result = self.read_until(stop);
-        ready.store(false, Ordering::Release);
+    /// fails. `health` is ready while the loop runs, and knows when the
+    /// reader left its poll.
+    pub fn run(&mut self, stop: &AtomicBool, health: &ReaderHealth) -> io::Result<()> {
+        health.set_ready(true);
+        let result = self.read_until(stop, health);
+        health.set_ready(false);
         result
     }
 
-    fn read_until(&mut self, stop: &AtomicBool) -> io::Result<()> {
+    fn read_until(&mut self, stop: &AtomicBool, health: &ReaderHealth) -> io::Result<()> {
         loop {
             match self.batch.recv(&self.socket) {
-                Ok(received) => self.take_batch(received)?,
+                Ok(received) => {
+                    self.take_batch(received, health)?;
+                    #[cfg(debug_assertions)]
+                    if let Some(fault) = self.fault.take() {
+                        fault.strike(stop);
+                    }
+                }
                 Err(RecvError::Overrun) => {
                     // The kernel dropped events for us; reading goes on at once.
                     self.path.overrun();
                     self.overruns.note();
                 }
                 Err(RecvError::WouldBlock) => {
+                    health.waiting();
                     if !self.wait(stop)? {
                         return Ok(());
                     }
@@ -139,8 +230,9 @@ impl<'a> Reader<'a> {
     }
 
     /// The batch just received, through the per-event path.
-    fn take_batch(&mut self, received: usize) -> io::Result<()> {
+    fn take_batch(&mut self, received: usize, health: &ReaderHealth) -> io::Result<()> {
         let received_ns = self.path.begin_batch(received);
+        health.working(received_ns);
         for datagram in self.batch.datagrams() {
             self.path
                 .datagram(datagram.bytes, datagram.truncated, received_ns)?;

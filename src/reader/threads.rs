@@ -8,12 +8,12 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use mio::{Poll, Waker};
 
-use super::{EventPath, Reader, ReaderOptions, WAKE};
+use super::{wall_clock_ns, EventPath, Reader, ReaderHealth, ReaderOptions, WAKE};
 use crate::flow::FlowTracker;
 use crate::stats::Registry;
 use crate::sys::ConntrackSocket;
@@ -63,17 +63,54 @@ pub fn polls(readers: usize) -> io::Result<(Vec<Poll>, StopReaders)> {
     Ok((polls, stop))
 }
 
+/// The first reader panic, as one line: where and what.
+static FIRST_PANIC: OnceLock<String> = OnceLock::new();
+
+/// From here on, a panic on a reader thread prints nothing itself: it is
+/// kept as one line that [`Readers::join`] returns as the reader's error,
+/// and `main` logs once. Other threads' panics print as before.
+pub fn report_reader_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("");
+        if !name.starts_with("ct-reader-") {
+            return previous(info);
+        }
+        let payload = info.payload();
+        let what = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a panic");
+        let at = info
+            .location()
+            .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+        let _ = FIRST_PANIC.set(format!("{name} panicked{at}: {what}"));
+    }));
+}
+
+/// Calls its closure when dropped, on a normal return and while a panic
+/// unwinds alike.
+struct OnExit<F: Fn()>(F);
+
+impl<F: Fn()> Drop for OnExit<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
 /// The running reader threads.
 pub struct Readers {
     threads: Vec<JoinHandle<io::Result<()>>>,
-    ready: Vec<Arc<AtomicBool>>,
+    health: Vec<Arc<ReaderHealth>>,
 }
 
 impl Readers {
     /// Starts reader `i` of `plans` on thread `ct-reader-{i}` with `polls[i]`,
     /// writing shard `i` of `registry`. Each stops at `stop`; when one
-    /// returns, for any reason, it calls `on_exit` (which stops the others
-    /// and the endpoint).
+    /// returns or panics, it calls `on_exit` (which stops the others and
+    /// the endpoint).
     pub fn start(
         registry: &Arc<Registry>,
         plans: Vec<ReaderPlan>,
@@ -84,19 +121,18 @@ impl Readers {
     ) -> io::Result<Readers> {
         let mut readers = Readers {
             threads: Vec::with_capacity(plans.len()),
-            ready: Vec::with_capacity(plans.len()),
+            health: Vec::with_capacity(plans.len()),
         };
         for (index, (plan, poll)) in plans.into_iter().zip(polls).enumerate() {
-            let ready = Arc::new(AtomicBool::new(false));
-            readers.ready.push(Arc::clone(&ready));
+            let health = Arc::new(ReaderHealth::default());
+            readers.health.push(Arc::clone(&health));
             let (registry, stopping) = (Arc::clone(registry), Arc::clone(&stop.stopping));
             let on_exit = on_exit.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ct-reader-{index}"))
                 .spawn(move || {
-                    let result = read(index, &registry, plan, poll, options, &stopping, &ready);
-                    on_exit();
-                    result
+                    let _stop_all = OnExit(on_exit);
+                    read(index, &registry, plan, poll, options, &stopping, &health)
                 })?;
             readers.threads.push(thread);
         }
@@ -105,7 +141,14 @@ impl Readers {
 
     /// Whether every reader's loop runs.
     pub fn ready(&self) -> bool {
-        self.ready.iter().all(|r| r.load(Ordering::Acquire))
+        self.health.iter().all(|h| h.ready())
+    }
+
+    /// Whether no reader is stuck on a batch
+    /// ([`READER_STUCK_AFTER`](super::READER_STUCK_AFTER)).
+    pub fn healthy(&self) -> bool {
+        let now = wall_clock_ns();
+        !self.health.iter().any(|h| h.stuck(now))
     }
 
     /// Waits for every reader; the first failure, if any.
@@ -118,7 +161,10 @@ impl Readers {
                     e.kind(),
                     format!("event reader {index} stopped: {e}"),
                 )),
-                Err(_) => Err(io::Error::other(format!("event reader {index} panicked"))),
+                Err(_) => Err(io::Error::other(match FIRST_PANIC.get() {
+                    Some(line) => format!("event reader {index} stopped: {line}"),
+                    None => format!("event reader {index} panicked"),
+                })),
             };
             if outcome.is_ok() {
                 outcome = result;
@@ -136,7 +182,7 @@ fn read(
     poll: Poll,
     options: ReaderOptions,
     stopping: &AtomicBool,
-    ready: &AtomicBool,
+    health: &ReaderHealth,
 ) -> io::Result<()> {
     if let Some(core) = plan.cpu {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
@@ -148,5 +194,5 @@ fn read(
         .writer(index)
         .ok_or_else(|| io::Error::other(format!("stats shard {index} already has a writer")))?;
     let path = EventPath::new(index, shard, plan.tracker, options.print_events);
-    Reader::new(plan.socket, poll, path, &options)?.run(stopping, ready)
+    Reader::new(plan.socket, poll, path, &options)?.run(stopping, health)
 }

@@ -1,11 +1,11 @@
-//! Termination signals, taken by a thread of their own: SIGTERM, SIGINT and
-//! SIGHUP are blocked in every thread and waited for with `sigwait`, so the
-//! exporter stops in an orderly way (the reader and the endpoint are woken,
-//! not killed mid-write) and no code runs in a signal handler.
+//! Signals, taken by a thread of their own: SIGTERM, SIGINT and SIGHUP are
+//! blocked in every thread and waited for with `sigwait`, so the exporter
+//! stops in an orderly way on the first two (the reader and the endpoint are
+//! woken, not killed mid-write) and no code runs in a signal handler.
 
 use std::io;
 
-/// The signals that stop the exporter.
+/// The signals taken by the signal thread.
 const STOP: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 fn stop_set() -> libc::sigset_t {
@@ -35,9 +35,30 @@ pub fn block_stop_signals() -> io::Result<()> {
     }
 }
 
-/// Waits for one of the stop signals (which must be blocked) and returns
-/// its name.
-pub fn wait_for_stop_signal() -> io::Result<&'static str> {
+/// A signal the signal thread took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: stop.
+    Term,
+    /// SIGINT: stop.
+    Int,
+    /// SIGHUP: reload what can be reloaded; never a stop.
+    Hup,
+}
+
+impl Signal {
+    /// Its name, as logged.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Term => "SIGTERM",
+            Signal::Int => "SIGINT",
+            Signal::Hup => "SIGHUP",
+        }
+    }
+}
+
+/// Waits for one of the signals blocked by [`block_stop_signals`].
+pub fn wait_for_signal() -> io::Result<Signal> {
     let set = stop_set();
     let mut sig: libc::c_int = 0;
     // SAFETY: `set` is initialised and `sig` is a valid place for the result.
@@ -46,8 +67,8 @@ pub fn wait_for_stop_signal() -> io::Result<&'static str> {
         return Err(io::Error::from_raw_os_error(rc));
     }
     Ok(match sig {
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGINT => "SIGINT",
-        _ => "SIGHUP",
+        libc::SIGTERM => Signal::Term,
+        libc::SIGINT => Signal::Int,
+        _ => Signal::Hup,
     })
 }

@@ -146,7 +146,8 @@ impl Endpoint {
 
     /// Serves until stopped. `render` appends the exposition body for the
     /// format to the Vec (called once per `/metrics` request, GET or HEAD, on
-    /// this thread, with an empty Vec); `ready` answers `/readyz`.
+    /// this thread, with an empty Vec); `healthy` answers `/healthz`, and
+    /// `/readyz` is 200 only when `ready` and `healthy` both say so.
     ///
     /// Returns `Ok(())` after [`StopHandle::stop`], or the error of the poll
     /// itself; errors on single connections only close those.
@@ -154,6 +155,7 @@ impl Endpoint {
         self,
         render: &mut dyn FnMut(Format, &mut Vec<u8>),
         ready: &dyn Fn() -> bool,
+        healthy: &dyn Fn() -> bool,
     ) -> io::Result<()> {
         // `_waker` stays in `self`, alive until this returns.
         let Endpoint {
@@ -163,7 +165,7 @@ impl Endpoint {
             stop,
             ..
         } = self;
-        let mut responder = Responder::new(render, ready);
+        let mut responder = Responder::new(render, ready, healthy);
         Server::new(limits).run(&mut poll, &listener, &stop, &mut responder)
     }
 }

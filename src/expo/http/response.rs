@@ -21,6 +21,7 @@ use super::request::{Format, Method, Request, Route};
 pub(super) struct Responder<'r> {
     render: &'r mut dyn FnMut(Format, &mut Vec<u8>),
     ready: &'r dyn Fn() -> bool,
+    healthy: &'r dyn Fn() -> bool,
     /// The rendered exposition body.
     body: Vec<u8>,
     /// `body` compressed.
@@ -28,15 +29,17 @@ pub(super) struct Responder<'r> {
 }
 
 impl<'r> Responder<'r> {
-    /// `render` appends a `/metrics` body in the given format; `ready`
-    /// answers `/readyz`.
+    /// `render` appends a `/metrics` body in the given format; `healthy`
+    /// answers `/healthz`, and `ready` and `healthy` both `/readyz`.
     pub(super) fn new(
         render: &'r mut dyn FnMut(Format, &mut Vec<u8>),
         ready: &'r dyn Fn() -> bool,
+        healthy: &'r dyn Fn() -> bool,
     ) -> Self {
         Responder {
             render,
             ready,
+            healthy,
             body: Vec::new(),
             gz: Vec::new(),
         }
@@ -73,7 +76,9 @@ impl<'r> Responder<'r> {
                     close,
                 }
             }
-            Route::Healthz => Status::Ok.plain(head_only, close),
+            Route::Healthz if (self.healthy)() => Status::Ok.plain(head_only, close),
+            Route::Healthz => Status::Unhealthy.plain(head_only, close),
+            Route::Readyz if !(self.healthy)() => Status::Unhealthy.plain(head_only, close),
             Route::Readyz if (self.ready)() => Status::Ok.plain(head_only, close),
             Route::Readyz => Status::NotReady.plain(head_only, close),
             Route::NotFound => Status::NotFound.plain(head_only, close),
@@ -113,6 +118,7 @@ pub(super) enum Status {
     BodyRefused,
     HeadTooLarge,
     NotReady,
+    Unhealthy,
     Busy,
 }
 
@@ -126,7 +132,7 @@ impl Status {
             Status::Timeout => "408 Request Timeout",
             Status::BodyRefused => "413 Content Too Large",
             Status::HeadTooLarge => "431 Request Header Fields Too Large",
-            Status::NotReady | Status::Busy => "503 Service Unavailable",
+            Status::NotReady | Status::Unhealthy | Status::Busy => "503 Service Unavailable",
         }
     }
 
@@ -141,6 +147,7 @@ impl Status {
             Status::BodyRefused => b"request bodies are not accepted\n",
             Status::HeadTooLarge => b"request head too large\n",
             Status::NotReady => b"not ready\n",
+            Status::Unhealthy => b"unhealthy: an event reader is stuck\n",
             Status::Busy => b"too many connections\n",
         }
     }
