@@ -328,6 +328,13 @@ impl Exposition {
             &[(Counter::KernelFilterMisses, None)],
             out,
         );
+        self.counter_family(
+            format,
+            "duplicate_destroys",
+            "DESTROY events of a flow already counted, dropped: the kernel delivers a DESTROY again, to every listener, while a listener that asked for reliable delivery (conntrackd's NetlinkEventsReliable) cannot take it",
+            &[(Counter::DuplicateDestroys, None)],
+            out,
+        );
         if self.options.legacy_names && format == Format::Prometheus {
             self.legacy_counters(out);
         }

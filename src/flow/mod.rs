@@ -6,6 +6,7 @@
 //! Never: allocates, locks, logs or makes a syscall per event; never grows
 //! with traffic.
 
+pub mod recent;
 pub mod share;
 pub mod subnet;
 pub mod table;

@@ -50,6 +50,7 @@ use crate::wire::{Counters, CtEvent, EventKind, Status, TcpState};
 
 use std::net::IpAddr;
 
+use super::recent::RecentDestroys;
 use super::table::{FlowKey, FlowState, FlowTable, Inserted};
 use super::{ReaderShare, Subnet};
 
@@ -149,6 +150,10 @@ pub struct KernelFiltered {
 /// run, so the cache misses of a batch's flows overlap.
 pub const QUEUE_DEPTH: usize = 32;
 
+/// Flows whose DESTROY each tracker remembers, so that a DESTROY the kernel
+/// delivers again counts once (`RecentDestroys`; 512 KiB).
+pub const RECENT_DESTROYS: usize = 65_536;
+
 /// How far ahead of the step it runs the queue prefetches entries.
 const ENTRY_LOOKAHEAD: usize = 8;
 
@@ -167,6 +172,8 @@ pub struct FlowTracker {
     kernel_filtered: KernelFiltered,
     /// Table steps not yet taken, in event order; allocated once.
     queue: Vec<Step>,
+    /// Flows whose DESTROY was taken lately.
+    recent_destroys: RecentDestroys,
 }
 
 /// An event that touches the table, queued: what its step needs.
@@ -236,6 +243,7 @@ impl FlowTracker {
             share,
             kernel_filtered,
             queue: Vec::with_capacity(QUEUE_DEPTH),
+            recent_destroys: RecentDestroys::new(RECENT_DESTROYS),
         }
     }
 
@@ -293,6 +301,13 @@ impl FlowTracker {
             fin: ev.orig.and_then(|t| t.proto) == Some(TCP)
                 && ev.tcp_state.is_some_and(TcpState::is_closing),
         };
+        if ev.kind == EventKind::Destroy {
+            let start = ev.timestamp.and_then(|t| t.start).unwrap_or(0);
+            if self.recent_destroys.seen_before(flow_key(id, ev), start) {
+                shard.count(Counter::DuplicateDestroys, 1);
+                return;
+            }
+        }
         match ev.kind {
             // The first event that shows the reply inserts the flow. Usually
             // an UPDATE; but when the kernel fails to deliver an event to any
@@ -937,13 +952,49 @@ mod tests {
     }
 
     #[test]
+    fn a_destroy_delivered_again_counts_once() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        use TcpState as S;
+        let answered = tcp_flow(21, &[S::SYN_RECV, S::FIN_WAIT]);
+        let destroy = *answered.last().unwrap();
+        assert_eq!(destroy.kind, EventKind::Destroy);
+        // Never answered: observed at its DESTROY alone, with no entry.
+        let refused = CtEvent {
+            status: Some(Status(NAT | Status::DYING)),
+            ..self::destroy(22, 6, Some(S::CLOSE), T0, T0 + MS)
+        };
+        run.feed(&mut t, &answered);
+        run.feed(&mut t, &[refused]);
+        // The kernel delivers both DESTROYs again, three times each.
+        for _ in 0..3 {
+            run.feed(&mut t, &[destroy, refused]);
+        }
+        let s = run.snap();
+        assert_eq!(s.count(Series::Duration), 2, "each flow once");
+        assert_eq!(s.count(Series::BytesToService), 2);
+        assert_eq!(s.count(Series::SeenReplyLatency), 1);
+        assert_eq!(s.counter(Counter::DuplicateDestroys), 6);
+        assert_eq!(s.counter(Counter::EventsOrderErrors), 0);
+        // The same id and tuple, started later: another flow.
+        run.feed(
+            &mut t,
+            &tcp_flow_from(T0 + 300 * MS, 21, &[S::SYN_RECV, S::FIN_WAIT]),
+        );
+        assert_eq!(run.snap().count(Series::Duration), 3);
+    }
+
+    #[test]
     fn ids_are_reused_and_late_or_lost_events_are_not_measured_wrongly() {
         let run = Run::new();
         let mut t = FlowTracker::new(filter(), 16);
         use TcpState as S;
-        // The same id twice in a row: two flows.
+        // The same id twice in a row (the second flow started later): two flows.
         run.feed(&mut t, &tcp_flow(11, &[S::SYN_RECV, S::FIN_WAIT]));
-        run.feed(&mut t, &tcp_flow(11, &[S::SYN_RECV, S::FIN_WAIT]));
+        run.feed(
+            &mut t,
+            &tcp_flow_from(T0 + 200 * MS, 11, &[S::SYN_RECV, S::FIN_WAIT]),
+        );
         // A NEW whose DESTROY was lost (never answered: nothing kept), then
         // the id reused: the new flow is measured.
         run.feed(

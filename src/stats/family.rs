@@ -360,11 +360,14 @@ pub enum Counter {
     /// Events the kernel-side socket filter should have dropped (not to a
     /// Service, or another reader's share) that reached userspace anyway.
     KernelFilterMisses,
+    /// DESTROY events of a flow already counted, delivered again by the
+    /// kernel; dropped.
+    DuplicateDestroys,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 10] = [
         Counter::EventsNew,
         Counter::EventsUpdate,
         Counter::EventsDestroy,
@@ -374,6 +377,7 @@ impl Counter {
         Counter::NetlinkOverruns,
         Counter::FlowsEvicted,
         Counter::KernelFilterMisses,
+        Counter::DuplicateDestroys,
     ];
 
     /// Slot of the counter among the shard's own slots.
