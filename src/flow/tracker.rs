@@ -33,10 +33,14 @@
 //! later event than the one that really showed it. The kernel reports an
 //! overrun (`ENOBUFS`) before any event it queues after the drop, so if an
 //! event of a flow started at `start` was dropped, an overrun is reported
-//! after `start` and before the next event of the flow is read. Hence the
-//! loss horizon: the latest of the subscription time, each overrun's report
-//! time (wall clock read after the report) and the seen-reply moment of
-//! each evicted flow. A flow's entry takes the horizon and the overrun count
+//! after `start` and before the next event of the flow is read. But only
+//! the first drop is reported: the socket stays congested, and the kernel
+//! drops events for it unreported, until its queue is empty; a flow
+//! inserted meanwhile is never measured. Hence the loss horizon: the latest
+//! of the subscription time, each overrun's report time (wall clock read
+//! after the report), the time the reader found its socket drained after
+//! one, the receive time of each truncated or malformed message, and the
+//! seen-reply moment of each evicted flow. A flow's entry takes the horizon and the overrun count
 //! at insertion; at the DESTROY, which carries the kernel's start stamp, a
 //! milestone counts if the flow started after that horizon and no overrun
 //! came between the insertion and the milestone. (The horizon never goes
@@ -174,6 +178,9 @@ pub struct FlowTracker {
     queue: Vec<Step>,
     /// Flows whose DESTROY was taken lately.
     recent_destroys: RecentDestroys,
+    /// Between an overrun's report and the reader finding its socket
+    /// drained: the kernel may be dropping events without a report.
+    congested: bool,
 }
 
 /// An event that touches the table, queued: what its step needs.
@@ -244,6 +251,7 @@ impl FlowTracker {
             kernel_filtered,
             queue: Vec::with_capacity(QUEUE_DEPTH),
             recent_destroys: RecentDestroys::new(RECENT_DESTROYS),
+            congested: false,
         }
     }
 
@@ -257,14 +265,36 @@ impl FlowTracker {
         self.table.capacity()
     }
 
-    /// The socket overran, reported at `at_ns` (wall clock, read after the
-    /// report): events of any flow that started before may be lost. The
-    /// events queued so far are taken first.
+    /// The kernel reported an overrun (`ENOBUFS`, or an overrun message)
+    /// read at `at_ns`: events were lost. Until the reader finds its socket
+    /// drained ([`FlowTracker::drained`]) the kernel keeps dropping events
+    /// for it without another report (the socket stays congested until its
+    /// queue is empty), so no flow entered meanwhile is measured.
     #[inline]
     pub fn overrun(&mut self, at_ns: u64, shard: &mut ShardWriter<'_>) {
+        self.lost(at_ns, shard);
+        self.congested = true;
+    }
+
+    /// An event of some flow was lost at `at_ns` (a truncated or malformed
+    /// message): no flow started before then is measured from later events.
+    #[inline]
+    pub fn lost(&mut self, at_ns: u64, shard: &mut ShardWriter<'_>) {
         self.flush(shard);
         self.overruns = self.overruns.wrapping_add(1);
         self.loss_horizon_ns = self.loss_horizon_ns.max(at_ns);
+    }
+
+    /// The reader found its socket drained at `at_ns`: after an overrun,
+    /// the kernel dropped events silently until now, so the horizon moves
+    /// here too, and flows enter the table as whole again.
+    #[inline]
+    pub fn drained(&mut self, at_ns: u64, shard: &mut ShardWriter<'_>) {
+        if self.congested {
+            self.flush(shard);
+            self.loss_horizon_ns = self.loss_horizon_ns.max(at_ns);
+            self.congested = false;
+        }
     }
 
     /// Takes one event. `received_ns` is the wall-clock receive time of its
@@ -382,7 +412,13 @@ impl FlowTracker {
             let fresh = FlowState {
                 seen_reply_ns: Some(moment.at),
                 overruns_at_insert: overruns,
-                loss_horizon_ns: self.loss_horizon_ns,
+                // Entered while the kernel may drop events unreported: its
+                // first reply may have been one of them.
+                loss_horizon_ns: if self.congested {
+                    u64::MAX
+                } else {
+                    self.loss_horizon_ns
+                },
                 ..FlowState::default()
             };
             let (flow, inserted) = self.table.insert(key, fresh);
@@ -660,6 +696,11 @@ mod tests {
         fn overrun(&self, tracker: &mut FlowTracker, at: u64) {
             let mut w = self.shards.writer(0).unwrap();
             tracker.overrun(at, &mut w);
+        }
+
+        fn drained(&self, tracker: &mut FlowTracker, at: u64) {
+            let mut w = self.shards.writer(0).unwrap();
+            tracker.drained(at, &mut w);
         }
 
         fn snap(&self) -> Snapshot {
@@ -1029,6 +1070,7 @@ mod tests {
                 destroy(13, 6, Some(S::TIME_WAIT), T0, T0 + 100 * MS),
             ],
         );
+        run.drained(&mut t, T0 + 25 * MS);
         // A flow that starts after the overrun's report is measured.
         let t1 = T0 + 30 * MS;
         run.feed(&mut t, &tcp_flow_from(t1, 14, &[S::SYN_RECV, S::FIN_WAIT]));
@@ -1050,6 +1092,7 @@ mod tests {
         let first = tcp_flow(21, &[S::SYN_RECV, S::FIN_WAIT]);
         run.feed(&mut t, &first[..3]);
         run.overrun(&mut t, T0 + 150 * MS);
+        run.drained(&mut t, T0 + 160 * MS);
         assert_eq!(t.flows(), 1, "its entry is left behind");
         // The kernel reuses id and tuple for a flow that starts later: it
         // finds the old entry. Not measured (its milestones are the old
@@ -1205,17 +1248,67 @@ mod tests {
         run.feed(&mut t, &flow[..1]);
         run.overrun(&mut t, T0 + 3 * MS / 2);
         run.feed(&mut t, &flow[1..]);
+        run.drained(&mut t, T0 + 2 * MS);
         // Started after it; seen-reply before the next overrun, FIN after it.
         let flow2 = tcp_flow_from(T0 + 10 * MS, 15, &[S::SYN_RECV, S::FIN_WAIT]);
         run.feed(&mut t, &flow2[..2]);
         run.overrun(&mut t, T0 + 27 * MS / 2);
         run.feed(&mut t, &flow2[2..]);
+        run.drained(&mut t, T0 + 14 * MS);
         let flow3 = tcp_flow_from(T0 + 20 * MS, 16, &[S::SYN_RECV, S::FIN_WAIT]);
         run.feed(&mut t, &flow3);
         let s = run.snap();
         assert_eq!(s.count(Series::SeenReplyLatency), 2, "flows 15 and 16");
         assert_eq!(s.count(Series::FinLatency), 1, "flow 16");
         assert_eq!(s.count(Series::Duration), 3, "DESTROY data is always whole");
+    }
+
+    /// After an overrun's report the kernel drops events without another
+    /// report until the socket is drained: a flow that starts then and loses
+    /// its reply UPDATE must not be measured from its FIN_WAIT.
+    #[test]
+    fn events_dropped_unreported_after_an_overrun_are_not_taken_for_a_milestone() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 16);
+        use TcpState as S;
+        // The report; then a flow starts; its SYN_RECV (the reply) is
+        // dropped unreported; its FIN_WAIT, which shows the reply too,
+        // arrives; then the reader finds the socket drained.
+        run.overrun(&mut t, T0);
+        let flow = tcp_flow_from(T0 + 10 * MS, 30, &[S::SYN_RECV, S::FIN_WAIT]);
+        assert_eq!(flow[1].tcp_state, Some(S::SYN_RECV));
+        run.feed(&mut t, &flow[..1]);
+        run.feed(&mut t, &flow[2..3]);
+        run.drained(&mut t, T0 + 20 * MS);
+        run.feed(&mut t, &flow[3..]);
+        let s = run.snap();
+        assert_eq!(
+            s.count(Series::SeenReplyLatency),
+            0,
+            "taken from its FIN_WAIT"
+        );
+        assert_eq!(s.count(Series::FinLatency), 0);
+        assert_eq!(s.count(Series::Duration), 1, "DESTROY data is whole");
+        // A flow that starts after the drain is measured again.
+        let later = tcp_flow_from(T0 + 30 * MS, 31, &[S::SYN_RECV, S::FIN_WAIT]);
+        run.feed(&mut t, &later);
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 1);
+        assert_eq!(s.count(Series::FinLatency), 1);
+        // A malformed or truncated message is a loss too: a flow started
+        // before it is not measured from later events.
+        let flow = tcp_flow_from(T0 + 40 * MS, 32, &[S::SYN_RECV, S::FIN_WAIT]);
+        run.feed(&mut t, &flow[..1]);
+        {
+            let mut w = run.shards.writer(0).unwrap();
+            t.lost(T0 + 41 * MS, &mut w);
+        }
+        run.feed(&mut t, &flow[2..]);
+        assert_eq!(
+            run.snap().count(Series::SeenReplyLatency),
+            1,
+            "flow 32 not measured"
+        );
     }
 
     #[test]

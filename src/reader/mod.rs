@@ -219,6 +219,7 @@ impl<'a> Reader<'a> {
                     self.overruns.note();
                 }
                 Err(RecvError::WouldBlock) => {
+                    self.path.drained();
                     health.waiting();
                     if !self.wait(stop)? {
                         return Ok(());

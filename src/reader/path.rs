@@ -70,7 +70,9 @@ impl<'a> EventPath<'a> {
     #[inline]
     pub fn datagram(&mut self, bytes: &[u8], truncated: bool, received_ns: u64) -> io::Result<()> {
         if truncated {
+            // Its events are lost, of flows unknown.
             self.shard.count(Counter::TruncatedDatagrams, 1);
+            self.tracker.lost(received_ns, &mut self.shard);
             return Ok(());
         }
         let mut walk = Datagram::new(bytes);
@@ -93,6 +95,7 @@ impl<'a> EventPath<'a> {
                 Ok(_) => {}
                 Err(e) => {
                     self.shard.count(Counter::MalformedMessages, 1);
+                    self.tracker.lost(received_ns, &mut self.shard);
                     if let Some(out) = self.print.as_mut() {
                         writeln!(out, "[MALFORMED] {e}")?;
                     }
@@ -119,6 +122,12 @@ impl<'a> EventPath<'a> {
     pub fn overrun(&mut self) {
         self.shard.count(Counter::NetlinkOverruns, 1);
         self.tracker.overrun(wall_clock_ns(), &mut self.shard);
+    }
+
+    /// The reader found its socket drained: after an overrun, the kernel
+    /// stops dropping events unreported only now.
+    pub fn drained(&mut self) {
+        self.tracker.drained(wall_clock_ns(), &mut self.shard);
     }
 
     /// Whether the last event carried the kernel's stamp
