@@ -19,7 +19,7 @@ use conntrack_metrics::log;
 use conntrack_metrics::offload::event_mask::{self, EventMask};
 use conntrack_metrics::offload::socket_filter::SocketFilters;
 use conntrack_metrics::reader::threads::{self, ReaderPlan, Readers};
-use conntrack_metrics::reader::{wall_clock_ns, ReaderOptions};
+use conntrack_metrics::reader::{ignores_event_stamps, wall_clock_ns, ReaderOptions};
 use conntrack_metrics::stats::self_metrics::{RECEIVE_BUFFER, SCRAPE_DURATION};
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::{Registry, ShardSet};
@@ -50,6 +50,12 @@ fn run(config: &Config) -> io::Result<()> {
     conntrack_sysctls(config)?;
     let event_mask = event_mask(config)?;
     let (sockets, kernel_filtered) = subscribe(config)?;
+    if ignores_event_stamps() {
+        log!(
+            "test build: the kernel's event stamps are ignored \
+             (CONNTRACK_METRICS_IGNORE_EVENT_STAMPS=1): latencies from receive times"
+        );
+    }
     let (endpoint, endpoint_stop) = listen(config)?;
     let plans = reader_plans(config, sockets, kernel_filtered);
     let (polls, readers_stop) = threads::polls(plans.len())?;

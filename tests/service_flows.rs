@@ -9,7 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::exporter::{get, promtool_check, scrape_until, start, start_with_pid, value};
+use common::exporter::{
+    get, promtool_check, scrape_until, start, start_with_env, start_with_pid, value,
+};
 use common::netns::{kernel_tests_possible, VirtualNode};
 use common::traffic::{
     self, start_backend, udp_client, udp_client_from, HTTP_BACKEND, UDP_BACKEND,
@@ -389,4 +391,75 @@ fn events_dropped_unreported_while_congested_never_give_a_latency() {
     // The backend closes 400 ms after the handshake: a first reply at
     // 200 ms or more was taken from a later event.
     assert_eq!(value(&text, &bucket(seen, "0.2")), measured);
+}
+
+/// Kernels before 6.14 send no event stamps: the exporter then takes each
+/// event's moment from its batch's receive time. A test build ignores the
+/// stamps on request (`CONNTRACK_METRICS_IGNORE_EVENT_STAMPS=1`), so that
+/// path runs end to end here too: every flow counted once, as the nft
+/// counters count them, with latencies from receive times.
+#[test]
+fn without_event_stamps_receive_times_measure_every_flow() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut vn = VirtualNode::new();
+    vn.short_timeouts();
+    vn.nft(RULESET);
+    let (b1, b2) = (vn.backend.clone(), vn.backend2.clone());
+    start_backend(&mut vn, &b1, HTTP_BACKEND);
+    start_backend(&mut vn, &b2, UDP_BACKEND);
+    const PORT: u16 = 9103;
+    let env = ["CONNTRACK_METRICS_IGNORE_EVENT_STAMPS=1"];
+    // --print-events shows each event as the tracker takes it.
+    let ((_, stdout), lines) = start_with_env(&mut vn, PORT, &env, &["--print-events"]);
+    assert!(
+        lines.iter().any(|l| l.contains("event stamps are ignored")),
+        "{lines:?}"
+    );
+    let printed = std::thread::spawn(move || {
+        let (mut events, mut stamped) = (0u64, 0u64);
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            events += 1;
+            stamped += u64::from(line.contains("event_ns="));
+        }
+        (events, stamped)
+    });
+    let client = vn.client.clone();
+    vn.exec(
+        &client,
+        &["ab", "-q", "-n", "1000", "-c", "50", "http://10.96.1.1:80/"],
+    );
+    let udp = vn.exec(
+        &client,
+        &["python3", "-c", &udp_client(200, "10.96.1.1", 81, 13_000)],
+    );
+    assert_eq!(udp.trim(), "done");
+    std::thread::sleep(Duration::from_millis(1500));
+    vn.exec(&vn.node, &["conntrack", "-F"]);
+
+    let tcp = nft_counter(&vn, "tcp_flows");
+    let udp = nft_counter(&vn, "udp_flows");
+    assert!(tcp >= 1000.0 && udp == 200.0, "{tcp} TCP, {udp} UDP flows");
+    let n = |s: &str| format!("{P}{s}{{node=\"n1\"}}");
+    let bucket = |s: &str, le: &str| format!("{P}{s}_bucket{{node=\"n1\",le=\"{le}\"}}");
+    let text = scrape_until(&vn, PORT, &n("service_duration_seconds_count"), tcp + udp);
+    let seen = "service_seen_reply_latency_seconds";
+    let fin = "service_TCP_FIN_latency_seconds";
+    assert_eq!(
+        value(&text, &n("service_duration_seconds_count")),
+        tcp + udp
+    );
+    assert_eq!(value(&text, &n(&format!("{seen}_count"))), tcp + udp);
+    assert_eq!(value(&text, &n(&format!("{fin}_count"))), tcp);
+    assert_eq!(value(&text, &n("netlink_overruns_total")), 0.0);
+    // Receive times are later than the kernel's stamps, by the delivery
+    // and the batch: still well under a second on this idle node.
+    assert_eq!(value(&text, &bucket(seen, "1")), tcp + udp);
+    assert_eq!(value(&text, &bucket(fin, "1")), tcp);
+    drop(vn); // ends the exporter, and its stdout
+    let (events, stamped) = printed.join().unwrap();
+    assert!(events >= tcp as u64, "{events} events printed");
+    assert_eq!(stamped, 0, "events still carried the kernel's stamp");
 }

@@ -22,7 +22,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::sys::{ConntrackSocket, RecvBatch, RecvError};
 
-pub use path::{wall_clock_ns, EventPath};
+pub use path::{ignores_event_stamps, wall_clock_ns, EventPath};
 
 /// Bytes per receive slot: one page; the kernel never sends a conntrack
 /// event larger than that, and a longer datagram is counted as truncated.

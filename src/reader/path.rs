@@ -25,6 +25,17 @@ pub struct EventPath<'a> {
     datagrams: metrics::Counter,
     flows: metrics::Gauge,
     print: Option<io::Stdout>,
+    #[cfg(debug_assertions)]
+    ignore_stamps: bool,
+}
+
+/// Whether the readers drop the kernel's event stamps (`CTA_TIMESTAMP_EVENT`),
+/// as on kernels before 6.14, so that the receive-time path runs end to end
+/// on a newer kernel too: `CONNTRACK_METRICS_IGNORE_EVENT_STAMPS=1`, in test
+/// (debug) builds only. Always false in a release build.
+pub fn ignores_event_stamps() -> bool {
+    cfg!(debug_assertions)
+        && std::env::var("CONNTRACK_METRICS_IGNORE_EVENT_STAMPS").as_deref() == Ok("1")
 }
 
 impl<'a> EventPath<'a> {
@@ -47,6 +58,8 @@ impl<'a> EventPath<'a> {
             datagrams: metrics::counter!(READER_DATAGRAMS, "reader" => reader.clone()),
             flows: metrics::gauge!(FLOW_TABLE_FLOWS, "reader" => reader),
             print: print_events.then(io::stdout),
+            #[cfg(debug_assertions)]
+            ignore_stamps: ignores_event_stamps(),
         }
     }
 
@@ -79,6 +92,10 @@ impl<'a> EventPath<'a> {
         while let Some(message) = walk.next_into(&mut self.event) {
             match message {
                 Ok(Message::Event(())) => {
+                    #[cfg(debug_assertions)]
+                    if self.ignore_stamps {
+                        self.event.timestamp_event = None;
+                    }
                     let counter = match self.event.kind {
                         EventKind::New => Counter::EventsNew,
                         EventKind::Update => Counter::EventsUpdate,

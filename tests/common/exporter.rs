@@ -19,30 +19,45 @@ pub fn start_with_pid(
     port: u16,
     args: &[&str],
 ) -> (u32, std::process::ChildStdout) {
+    start_with_env(vn, port, &[], args).0
+}
+
+/// [`start_with_pid`] with `env` (`NAME=value`) set for the exporter; also
+/// returns its stderr lines up to "serving".
+pub fn start_with_env(
+    vn: &mut VirtualNode,
+    port: u16,
+    env: &[&str],
+    args: &[&str],
+) -> ((u32, std::process::ChildStdout), Vec<String>) {
     let node = vn.node.clone();
     let bind = format!("127.0.0.1:{port}");
-    let mut argv = vec![
+    let mut argv = vec!["env"];
+    argv.extend_from_slice(env);
+    argv.extend([
         env!("CARGO_BIN_EXE_conntrack-metrics"),
         "--node-name",
         "n1",
         "--metrics-bind-address",
         &bind,
-    ];
+    ]);
     argv.extend_from_slice(args);
     let exporter = vn.spawn(&node, &argv, Stdio::piped(), Stdio::piped());
     let pid = exporter.id();
     let mut stderr = BufReader::new(exporter.stderr.take().unwrap());
     let stdout = exporter.stdout.take().unwrap();
-    let mut line = String::new();
+    let mut lines = Vec::new();
     loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "exporter exited");
-        if line.contains("serving") {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "exited");
+        let serving = line.contains("serving");
+        lines.push(line);
+        if serving {
             break;
         }
     }
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    (pid, stdout)
+    ((pid, stdout), lines)
 }
 
 /// GET `path` from the exporter on `port` in the node namespace (curl runs
