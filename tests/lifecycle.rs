@@ -114,24 +114,18 @@ fn sighup_is_logged_and_stops_nothing() {
         return;
     }
     let mut vn = VirtualNode::new();
-    let node = vn.node.clone();
-    let argv = [
-        env!("CARGO_BIN_EXE_conntrack-metrics"),
-        "--metrics-bind-address",
-        "127.0.0.1:9103",
-    ];
-    let child = vn.spawn(&node, &argv, Stdio::null(), Stdio::piped());
-    let pid = child.id();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("serving") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "exited");
-    }
+    let started = common::exporter::start_with_env(&mut vn, 9103, &[], &[]);
+    let (pid, later) = (started.pid, started.later);
     common::netns::run(&["kill", "-HUP", &pid.to_string()]);
-    line.clear();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("SIGHUP: nothing to reload"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while later.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let lines = later.lock().unwrap().clone();
+    assert!(
+        lines.len() == 1 && lines[0].contains("SIGHUP: nothing to reload"),
+        "{lines:?}"
+    );
     assert!(
         vn.wait_child(pid, Duration::from_secs(1)).is_none(),
         "SIGHUP stopped it"

@@ -6,53 +6,23 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::exporter::get;
+use common::exporter::{get, start_with_env};
 use common::netns::{kernel_tests_possible, VirtualNode};
 
-/// Starts the exporter (a debug build) with `fault` injected and `args`,
-/// waits until it serves, and collects its stderr lines from then on.
+/// Starts the exporter (a debug build) with `fault` injected and `args`;
+/// its pid and its stderr lines after "serving", as they come.
 fn start(
     vn: &mut VirtualNode,
     port: u16,
     fault: &str,
     args: &[&str],
 ) -> (u32, Arc<Mutex<Vec<String>>>) {
-    let node = vn.node.clone();
-    let bind = format!("127.0.0.1:{port}");
     let env = format!("CONNTRACK_METRICS_FAULT={fault}");
-    let mut argv = vec![
-        "env",
-        env.as_str(),
-        env!("CARGO_BIN_EXE_conntrack-metrics"),
-        "--metrics-bind-address",
-        &bind,
-    ];
-    argv.extend_from_slice(args);
-    let child = vn.spawn(&node, &argv, Stdio::null(), Stdio::piped());
-    let pid = child.id();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "exited");
-        if line.contains("serving") {
-            break;
-        }
-    }
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let collected = Arc::clone(&lines);
-    std::thread::spawn(move || {
-        for line in stderr.lines() {
-            let Ok(line) = line else { break };
-            collected.lock().unwrap().push(line);
-        }
-    });
-    (pid, lines)
+    let started = start_with_env(vn, port, &[&env], args);
+    (started.pid, started.later)
 }
 
 /// A conntrack event in the node's namespace: an entry made with

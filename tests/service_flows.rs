@@ -412,7 +412,8 @@ fn without_event_stamps_receive_times_measure_every_flow() {
     const PORT: u16 = 9103;
     let env = ["CONNTRACK_METRICS_IGNORE_EVENT_STAMPS=1"];
     // --print-events shows each event as the tracker takes it.
-    let ((_, stdout), lines) = start_with_env(&mut vn, PORT, &env, &["--print-events"]);
+    let started = start_with_env(&mut vn, PORT, &env, &["--print-events"]);
+    let (stdout, lines) = (started.stdout, started.startup);
     assert!(
         lines.iter().any(|l| l.contains("event stamps are ignored")),
         "{lines:?}"

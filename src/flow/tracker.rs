@@ -331,13 +331,6 @@ impl FlowTracker {
             fin: ev.orig.and_then(|t| t.proto) == Some(TCP)
                 && ev.tcp_state.is_some_and(TcpState::is_closing),
         };
-        if ev.kind == EventKind::Destroy {
-            let start = ev.timestamp.and_then(|t| t.start).unwrap_or(0);
-            if self.recent_destroys.seen_before(flow_key(id, ev), start) {
-                shard.count(Counter::DuplicateDestroys, 1);
-                return;
-            }
-        }
         match ev.kind {
             // The first event that shows the reply inserts the flow. Usually
             // an UPDATE; but when the kernel fails to deliver an event to any
@@ -353,16 +346,25 @@ impl FlowTracker {
             // the DESTROY, and whether the NEW was received is known then from
             // the loss horizon. A FIN counts only after a reply.
             EventKind::New | EventKind::Update => {}
-            // SEEN_REPLY never clears: a DESTROY without it ends a flow that
-            // was never answered, so never in the table.
-            EventKind::Destroy if ev.status.is_some_and(|s| !s.has(Status::SEEN_REPLY)) => {
-                observe_destroy(&Ended::of(ev), &FlowState::default(), shard);
+            EventKind::Destroy => {
+                let key = flow_key(id, ev);
+                let start = ev.timestamp.and_then(|t| t.start).unwrap_or(0);
+                if self.recent_destroys.seen_before(key, start) {
+                    shard.count(Counter::DuplicateDestroys, 1);
+                    return;
+                }
+                // SEEN_REPLY never clears: a DESTROY without it ends a flow
+                // that was never answered, so never in the table.
+                if ev.status.is_some_and(|s| !s.has(Status::SEEN_REPLY)) {
+                    observe_destroy(&Ended::of(ev), &FlowState::default(), shard);
+                } else {
+                    self.queue(Step {
+                        key,
+                        moment,
+                        end: Some(Ended::of(ev)),
+                    });
+                }
             }
-            EventKind::Destroy => self.queue(Step {
-                key: flow_key(id, ev),
-                moment,
-                end: Some(Ended::of(ev)),
-            }),
         }
         if self.queue.len() == QUEUE_DEPTH {
             self.flush(shard);

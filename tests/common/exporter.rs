@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::netns::VirtualNode;
@@ -19,17 +20,25 @@ pub fn start_with_pid(
     port: u16,
     args: &[&str],
 ) -> (u32, std::process::ChildStdout) {
-    start_with_env(vn, port, &[], args).0
+    let started = start_with_env(vn, port, &[], args);
+    (started.pid, started.stdout)
 }
 
-/// [`start_with_pid`] with `env` (`NAME=value`) set for the exporter; also
-/// returns its stderr lines up to "serving".
-pub fn start_with_env(
-    vn: &mut VirtualNode,
-    port: u16,
-    env: &[&str],
-    args: &[&str],
-) -> ((u32, std::process::ChildStdout), Vec<String>) {
+/// A started exporter.
+pub struct Started {
+    /// Its pid.
+    pub pid: u32,
+    /// Its stdout (`--print-events`), for the caller to read or keep open.
+    pub stdout: std::process::ChildStdout,
+    /// Its stderr lines up to "serving".
+    pub startup: Vec<String>,
+    /// Its stderr lines after "serving", as they come.
+    pub later: Arc<Mutex<Vec<String>>>,
+}
+
+/// [`start_with_pid`] with `env` (`NAME=value`) set for the exporter, and
+/// its stderr kept: the lines up to "serving", and those after.
+pub fn start_with_env(vn: &mut VirtualNode, port: u16, env: &[&str], args: &[&str]) -> Started {
     let node = vn.node.clone();
     let bind = format!("127.0.0.1:{port}");
     let mut argv = vec!["env"];
@@ -46,18 +55,33 @@ pub fn start_with_env(
     let pid = exporter.id();
     let mut stderr = BufReader::new(exporter.stderr.take().unwrap());
     let stdout = exporter.stdout.take().unwrap();
-    let mut lines = Vec::new();
+    let mut startup = Vec::new();
     loop {
         let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "exited");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "exited: {startup:?}"
+        );
         let serving = line.contains("serving");
-        lines.push(line);
+        startup.push(line);
         if serving {
             break;
         }
     }
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    ((pid, stdout), lines)
+    let later = Arc::new(Mutex::new(Vec::new()));
+    let kept = Arc::clone(&later);
+    std::thread::spawn(move || {
+        for line in stderr.lines() {
+            let Ok(line) = line else { break };
+            kept.lock().unwrap().push(line);
+        }
+    });
+    Started {
+        pid,
+        stdout,
+        startup,
+        later,
+    }
 }
 
 /// GET `path` from the exporter on `port` in the node namespace (curl runs
