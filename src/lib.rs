@@ -10,13 +10,16 @@
 //! ```
 //! `reader` takes each batch through those stages (`reader::EventPath`);
 //! `offload` pushes the flow layer's rules into the kernel (a socket
-//! filter, an event mask); `config` turns flags into a validated
-//! [`config::Config`].
+//! filter, an event mask); `census` dumps the kernel's conntrack table now
+//! and then (on a thread of its own), so readers drop flows whose DESTROY
+//! was lost and a too-narrow `--svc-subnet` shows; `config` turns flags
+//! into a validated [`config::Config`].
 //!
 //! Layers, each using only those below it (`tests/layers.rs`): `sys`,
 //! `wire` and `stats` use no other; `flow` uses `wire`, `stats`, `sys`;
 //! `offload` uses `wire`, `flow`, `sys`; `reader` uses `sys`, `wire`,
-//! `flow`, `stats`; `expo` uses `stats`, `sys`; `config` uses `flow`.
+//! `flow`, `stats`; `census` uses `sys`, `wire`, `flow`, `stats`; `expo`
+//! uses `stats`, `sys`; `config` uses `flow`.
 //!
 //! Guarantees each stage keeps:
 //! - `sys`: the only `unsafe` code, each block a small wrapper around one
@@ -49,6 +52,7 @@ macro_rules! log {
     }};
 }
 
+pub mod census;
 pub mod config;
 pub mod expo;
 pub mod flow;

@@ -11,10 +11,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use conntrack_metrics::census::{self, Census};
 use conntrack_metrics::config::Config;
 use conntrack_metrics::expo::http::{Endpoint, Limits, StopHandle};
 use conntrack_metrics::expo::scrape::{Exposition, ScrapeOptions};
-use conntrack_metrics::flow::{FlowTracker, KernelFiltered, ReaderShare, ServiceFilter};
+use conntrack_metrics::flow::{FlowTracker, KernelFiltered, LiveFlows, ReaderShare, ServiceFilter};
 use conntrack_metrics::log;
 use conntrack_metrics::offload::event_mask::{self, EventMask};
 use conntrack_metrics::offload::socket_filter::SocketFilters;
@@ -23,9 +24,11 @@ use conntrack_metrics::reader::{ignores_event_stamps, wall_clock_ns, ReaderOptio
 use conntrack_metrics::stats::self_metrics::{RECEIVE_BUFFER, SCRAPE_DURATION};
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::{Registry, ShardSet};
+use conntrack_metrics::sys::local_addresses::local_addresses;
 use conntrack_metrics::sys::signal::{self, Signal};
 use conntrack_metrics::sys::sysctl::{self, Outcome};
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups};
+use crossbeam_channel::Sender;
 
 fn main() -> ExitCode {
     // Before any thread starts, so that every thread inherits the mask and
@@ -57,7 +60,7 @@ fn run(config: &Config) -> io::Result<()> {
         );
     }
     let (endpoint, endpoint_stop) = listen(config)?;
-    let plans = reader_plans(config, sockets, kernel_filtered);
+    let (plans, mailboxes) = reader_plans(config, sockets, kernel_filtered);
     let (polls, readers_stop) = threads::polls(plans.len())?;
     let stop_all = {
         let readers_stop = readers_stop.clone();
@@ -76,6 +79,7 @@ fn run(config: &Config) -> io::Result<()> {
         &readers_stop,
         stop_all.clone(),
     )?;
+    table_census(config, mailboxes, readers_stop.clone());
     let served = serve(config, registry, endpoint, &readers);
     // The endpoint only stops when a reader has stopped, or all are stopping.
     stop_all();
@@ -222,16 +226,19 @@ fn listen(config: &Config) -> io::Result<(Endpoint, StopHandle)> {
 /// Each reader's socket with its flow tracker, allocated here, before any
 /// reader starts: the per-event path never allocates. Every socket is
 /// subscribed by now, so flows that started earlier may have events the
-/// readers never got, and are not measured.
+/// readers never got, and are not measured. With table dumps on, each
+/// reader also gets a mailbox (one dump at most waits in it), whose
+/// sending ends are returned.
 fn reader_plans(
     config: &Config,
     sockets: Vec<(ConntrackSocket, ReaderShare)>,
     kernel_filtered: KernelFiltered,
-) -> Vec<ReaderPlan> {
+) -> (Vec<ReaderPlan>, Vec<Sender<Arc<LiveFlows>>>) {
     let filter = ServiceFilter::new(config.svc_subnets.clone(), config.exclude_subnets.clone());
     let subscribed_ns = wall_clock_ns();
     let per_reader = config.max_flows / config.readers;
-    sockets
+    let mut mailboxes = Vec::new();
+    let plans = sockets
         .into_iter()
         .zip(config.reader_cpus())
         .map(|((socket, share), cpu)| ReaderPlan {
@@ -244,8 +251,49 @@ fn reader_plans(
                 subscribed_ns,
             ),
             cpu,
+            live_flows: (config.table_dump_seconds > 0).then(|| {
+                let (send, receive) = crossbeam_channel::bounded(1);
+                mailboxes.push(send);
+                receive
+            }),
         })
-        .collect()
+        .collect();
+    (plans, mailboxes)
+}
+
+/// With `--table-dump-seconds`, the census thread: a dump of the kernel's
+/// table now and every interval, each left in every reader's mailbox (a
+/// reader still busy with the last one skips this one) with a wake-up. A
+/// census that cannot start is a warning, never fatal: the exporter
+/// measures as well without it.
+fn table_census(
+    config: &Config,
+    mailboxes: Vec<Sender<Arc<LiveFlows>>>,
+    readers: threads::StopReaders,
+) {
+    if config.table_dump_seconds == 0 {
+        return;
+    }
+    let interval = Duration::from_secs(config.table_dump_seconds.into());
+    let started = local_addresses()
+        .and_then(|local| Census::new(&config.svc_subnets, &config.exclude_subnets, local))
+        .and_then(|census| {
+            std::thread::Builder::new()
+                .name("ct-census".into())
+                .spawn(move || {
+                    census::run(census, interval, |live| {
+                        let live = Arc::new(live);
+                        for (index, mailbox) in mailboxes.iter().enumerate() {
+                            if mailbox.try_send(Arc::clone(&live)).is_ok() {
+                                readers.wake(index);
+                            }
+                        }
+                    })
+                })
+        });
+    if let Err(e) = started {
+        log!("warning: no conntrack table dumps ({e}): flows whose DESTROY is lost stay until evicted");
+    }
 }
 
 fn reader_options(config: &Config) -> ReaderOptions {

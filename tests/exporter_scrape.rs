@@ -190,7 +190,12 @@ fn shape(text: &str) -> Vec<String> {
 
 /// Families added since the fixtures were scraped: their lines are the only
 /// ones allowed beyond the fixtures'.
-const ADDED_SINCE: &[&str] = &["conntrack_monitoring_duplicate_destroys"];
+const ADDED_SINCE: &[&str] = &[
+    "conntrack_monitoring_duplicate_destroys",
+    "conntrack_monitoring_lost_destroys",
+    "conntrack_monitoring_dnat_flows_outside_service_subnets",
+    "conntrack_monitoring_table_dumps",
+];
 
 /// The families, their HELP and TYPE lines and every label set are those
 /// the exporter wrote before its metrics went through one registry and one

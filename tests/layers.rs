@@ -16,6 +16,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("flow", &["wire", "stats", "sys"]),
     ("offload", &["wire", "flow", "sys"]),
     ("reader", &["sys", "wire", "flow", "stats"]),
+    ("census", &["sys", "wire", "flow", "stats"]),
     ("expo", &["stats", "sys"]),
     ("config", &["flow"]),
 ];

@@ -151,6 +151,7 @@ mod tests {
             stats_shards: 4,
             no_sysctl: true,
             legacy_names: false,
+            table_dump_seconds: 300,
         };
         assert_eq!(from_env.unwrap(), env_config);
         assert_eq!(

@@ -10,7 +10,9 @@
 //! `config`: the rest of the program reads a [`Config`](super::Config).
 
 use super::cpus::parse_reader_cpu;
-use super::{DEFAULT_DRAIN_DELAY_US, DEFAULT_MAX_FLOWS, DEFAULT_RCVBUF_BYTES};
+use super::{
+    DEFAULT_DRAIN_DELAY_US, DEFAULT_MAX_FLOWS, DEFAULT_RCVBUF_BYTES, DEFAULT_TABLE_DUMP_SECONDS,
+};
 use crate::flow::Subnet;
 use clap::builder::{BoolishValueParser, TypedValueParser};
 use clap::{ArgAction, Parser};
@@ -178,6 +180,17 @@ pub(super) struct Flags {
           default_value = "false", default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     pub(super) legacy_names: bool,
+
+    /// Seconds between dumps of the kernel's conntrack table (one at start,
+    /// then one each interval; 0: never), taken on a thread of their own.
+    /// A dump lets the exporter drop the flows whose DESTROY event was lost
+    /// (counted in lost_destroys_total) and count the DNAT'd flows that
+    /// go outside every --svc-subnet (dnat_flows_outside_service_subnets).
+    /// It costs the kernel about a second of one CPU per million entries.
+    #[arg(long, value_name = "SECONDS", env = "CONNTRACK_METRICS_TABLE_DUMP_SECONDS",
+          default_value_t = DEFAULT_TABLE_DUMP_SECONDS,
+          value_parser = clap::value_parser!(u32).range(0..=86_400))]
+    pub(super) table_dump_seconds: u32,
 }
 
 /// `--svc-subnet` / `--exclude-subnet` values: the subnet parser's reason
@@ -223,6 +236,8 @@ mod tests {
             "--no-socket-filter",
             "--event-mask",
             "--drain-delay-us=0",
+            "--table-dump-seconds",
+            "0",
         ])
         .unwrap();
         assert_eq!(
@@ -245,6 +260,7 @@ mod tests {
                 stats_shards: 2,
                 no_sysctl: true,
                 legacy_names: true,
+                table_dump_seconds: 0,
             }
         );
     }
@@ -308,6 +324,11 @@ mod tests {
             ),
             (&["--readers", "0"], "--readers", "1..=64"),
             (&["--readers=65"], "--readers", "1..=64"),
+            (
+                &["--table-dump-seconds=86401"],
+                "--table-dump-seconds",
+                "0..=86400",
+            ),
             (&["--event-mask=maybe"], "--event-mask", "invalid value"),
             (
                 &["--drain-delay-us=100001"],

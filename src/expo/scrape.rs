@@ -335,6 +335,13 @@ impl Exposition {
             &[(Counter::DuplicateDestroys, None)],
             out,
         );
+        self.counter_family(
+            format,
+            "lost_destroys",
+            "Service flows dropped from a flow table because a dump of the kernel's conntrack table (--table-dump-seconds) no longer had them: their DESTROY event was lost (see netlink_overruns_total)",
+            &[(Counter::LostDestroys, None)],
+            out,
+        );
         if self.options.legacy_names && format == Format::Prometheus {
             self.legacy_counters(out);
         }

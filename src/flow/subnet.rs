@@ -64,6 +64,17 @@ impl Subnet {
     pub fn prefix(&self) -> u8 {
         self.prefix
     }
+
+    /// The longest prefix holding both `a` and `b`; `None` when their
+    /// families differ.
+    pub fn covering(a: IpAddr, b: IpAddr) -> Option<Subnet> {
+        let common = match (a, b) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) ^ u32::from(b)).leading_zeros(),
+            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a) ^ u128::from(b)).leading_zeros(),
+            _ => return None,
+        };
+        Subnet::new(a, common as u8)
+    }
 }
 
 #[inline]
@@ -134,6 +145,25 @@ impl FromStr for Subnet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn covering_is_the_longest_common_prefix() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let cover = |a, b| Subnet::covering(ip(a), ip(b)).map(|s| s.to_string());
+        assert_eq!(
+            cover("10.100.1.1", "10.104.2.2").as_deref(),
+            Some("10.96.0.0/12")
+        );
+        assert_eq!(
+            cover("10.96.0.10", "10.96.0.10").as_deref(),
+            Some("10.96.0.10/32")
+        );
+        assert_eq!(
+            cover("fd00:96::1", "fd00:96::ff").as_deref(),
+            Some("fd00:96::/120")
+        );
+        assert_eq!(cover("10.0.0.1", "fd00::1"), None);
+    }
 
     #[test]
     fn parses_and_tests_membership_for_both_families() {

@@ -244,6 +244,9 @@ impl FlowTable {
     fn remove_cell(&mut self, cell: usize) -> FlowState {
         let e = self.index[cell].entry;
         let state = self.entries[e as usize].state;
+        // A free entry has no seen-reply moment: [`Self::retain_slots`]
+        // skips it without a probe (the line is in the cache already).
+        self.entries[e as usize].state.seen_reply_ns = None;
         let Link { prev, next } = self.links[e as usize];
         match prev {
             NIL => self.oldest = next,
@@ -258,6 +261,34 @@ impl FlowTable {
         self.len -= 1;
         self.unindex(cell);
         state
+    }
+
+    /// Visits up to `count` entry slots from slot `from` and removes each
+    /// flow there that `keep` refuses. Returns the slot to go on from (`None`
+    /// after the last) and the flows removed. Not for the per-event path:
+    /// a sweep of the whole table, a slice at a time, between batches.
+    pub fn retain_slots(
+        &mut self,
+        from: usize,
+        count: usize,
+        mut keep: impl FnMut(FlowKey, &FlowState) -> bool,
+    ) -> (Option<usize>, u64) {
+        let end = from.saturating_add(count).min(self.entries.len());
+        let mut removed = 0;
+        for e in from.min(end)..end {
+            let Entry { key, state } = self.entries[e];
+            if state.seen_reply_ns.is_none() || keep(key, &state) {
+                continue;
+            }
+            // Free entries were skipped above; the index says for sure.
+            if let Some(cell) = self.find(key) {
+                if self.index[cell].entry as usize == e {
+                    self.remove_cell(cell);
+                    removed += 1;
+                }
+            }
+        }
+        ((end < self.entries.len()).then_some(end), removed)
     }
 
     /// Backward-shift deletion: later members of the probe run move into the
@@ -290,6 +321,34 @@ mod tests {
             seen_reply_ns: Some(ns),
             ..FlowState::default()
         }
+    }
+
+    #[test]
+    fn retain_slots_removes_what_keep_refuses_a_slice_at_a_time() {
+        let mut t = FlowTable::new(100);
+        for k in 1..=60u64 {
+            t.insert(k * 7919, state(k));
+        }
+        for k in (2..=60u64).step_by(2) {
+            t.remove(k * 7919);
+        }
+        // 30 flows left (odd k); drop those with k % 3 == 0 (k = 3, 9, ..., 57).
+        let (mut from, mut removed) = (Some(0), 0);
+        let mut slices = 0;
+        while let Some(at) = from {
+            let (next, n) = t.retain_slots(at, 16, |key, _| (key / 7919) % 3 != 0);
+            (from, removed, slices) = (next, removed + n, slices + 1);
+        }
+        assert_eq!((removed, t.len(), slices), (10, 20, 7));
+        for k in 1..=60u64 {
+            let kept = k % 2 == 1 && k % 3 != 0;
+            assert_eq!(t.get_mut(k * 7919).is_some(), kept, "flow {k}");
+        }
+        // The slots freed are reused and the table stays whole.
+        for k in 100..180u64 {
+            t.insert(k * 7919, state(k));
+        }
+        assert_eq!(t.len(), 100);
     }
 
     /// The evicted flow's key and seen-reply moment.

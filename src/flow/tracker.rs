@@ -54,6 +54,7 @@ use crate::wire::{Counters, CtEvent, EventKind, Status, TcpState};
 
 use std::net::IpAddr;
 
+use super::live::LiveFlows;
 use super::recent::RecentDestroys;
 use super::table::{FlowKey, FlowState, FlowTable, Inserted};
 use super::{ReaderShare, Subnet};
@@ -157,6 +158,11 @@ pub const QUEUE_DEPTH: usize = 32;
 /// Flows whose DESTROY each tracker remembers, so that a DESTROY the kernel
 /// delivers again counts once (`RecentDestroys`; 512 KiB).
 pub const RECENT_DESTROYS: usize = 65_536;
+
+/// A flow is reconciled with a dump of the kernel's table only if it
+/// entered the flow table this long before the dump began (1 s): it was in
+/// the kernel's table for the whole dump, whatever the clocks' grain.
+pub const RECONCILE_MARGIN_NS: u64 = 1_000_000_000;
 
 /// How far ahead of the step it runs the queue prefetches entries.
 const ENTRY_LOOKAHEAD: usize = 8;
@@ -295,6 +301,44 @@ impl FlowTracker {
             self.loss_horizon_ns = self.loss_horizon_ns.max(at_ns);
             self.congested = false;
         }
+    }
+
+    /// The key under which a flow table holds `ev`'s flow, if `ev` carries
+    /// the flow's conntrack id: an entry of a table dump maps to the same
+    /// key as the flow's events.
+    pub fn key_of(ev: &CtEvent) -> Option<FlowKey> {
+        ev.id.map(|id| flow_key(id, ev))
+    }
+
+    /// Reconciles up to `slots` entry slots of the table, from slot `from`,
+    /// with `live`, the Service flows a dump of the kernel's table found: a
+    /// flow that entered the table more than [`RECONCILE_MARGIN_NS`] before
+    /// the dump began and that the dump did not find is gone from the
+    /// kernel, its DESTROY lost. It is dropped and counted
+    /// ([`Counter::LostDestroys`]); a flow that entered later may be too new
+    /// for the dump and stays. Returns the slot to go on from, `None` once
+    /// the whole table is done.
+    ///
+    /// The reader calls this only when its socket is drained after it got
+    /// `live`, so every DESTROY the kernel sent before the dump ended has
+    /// been taken: a flow absent from the dump whose DESTROY came is no
+    /// longer in the table.
+    pub fn reconcile(
+        &mut self,
+        live: &LiveFlows,
+        from: usize,
+        slots: usize,
+        shard: &mut ShardWriter<'_>,
+    ) -> Option<usize> {
+        self.flush(shard);
+        let entered_before = live.taken_ns().saturating_sub(RECONCILE_MARGIN_NS);
+        let (next, dropped) = self.table.retain_slots(from, slots, |key, flow| {
+            flow.seen_reply_ns.is_none_or(|at| at >= entered_before) || live.contains(key)
+        });
+        if dropped > 0 {
+            shard.count(Counter::LostDestroys, dropped);
+        }
+        next
     }
 
     /// Takes one event. `received_ns` is the wall-clock receive time of its
@@ -1111,6 +1155,55 @@ mod tests {
         let t2 = T0 + 400 * MS;
         run.feed(&mut t, &tcp_flow_from(t2, 21, &[S::SYN_RECV, S::FIN_WAIT]));
         assert_eq!(run.snap().count(Series::SeenReplyLatency), 1);
+    }
+
+    #[test]
+    fn a_dump_without_the_flow_drops_it_once_its_destroy_is_overdue() {
+        let run = Run::new();
+        let mut t = FlowTracker::new(filter(), 64);
+        use TcpState as S;
+        // Flows 31-35 answered; 31 and 32 then lost their DESTROY, 33-35
+        // live on. Flow 36 entered just before the dump: too new to judge.
+        for id in 31..=35 {
+            let flow = tcp_flow(id, &[S::SYN_RECV, S::ESTABLISHED]);
+            run.feed(&mut t, &flow[..3]);
+        }
+        let dump_at = T0 + 5_000 * MS;
+        let late = tcp_flow_from(dump_at - 500 * MS, 36, &[S::SYN_RECV]);
+        run.feed(&mut t, &late[..2]);
+        assert_eq!(t.flows(), 6);
+        let keys = |ids: &[u32]| -> Vec<FlowKey> {
+            ids.iter()
+                .map(|&id| {
+                    FlowTracker::key_of(&ev(EventKind::Update, id, 6, None, REPLIED, 0)).unwrap()
+                })
+                .collect()
+        };
+        let live = LiveFlows::new(keys(&[33, 34, 35]), dump_at);
+        let mut w = run.shards.writer(0).unwrap();
+        let (mut from, mut slices) = (Some(0), 0);
+        while let Some(at) = from {
+            from = t.reconcile(&live, at, 16, &mut w);
+            slices += 1;
+        }
+        drop(w);
+        assert_eq!(slices, 4, "64 slots, 16 a slice");
+        assert_eq!(t.flows(), 4, "33, 34, 35 and the new 36 stay");
+        assert_eq!(run.snap().counter(Counter::LostDestroys), 2);
+        // The flows kept end normally and are measured.
+        for id in 33..=35 {
+            let flow = tcp_flow(id, &[S::SYN_RECV, S::ESTABLISHED]);
+            run.feed(&mut t, &flow[3..]);
+        }
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 3);
+        assert_eq!(s.counter(Counter::DuplicateDestroys), 0);
+        // A late DESTROY of a dropped flow finds no entry: counted as
+        // ended (its own data), never as a latency.
+        run.feed(&mut t, &tcp_flow(31, &[S::SYN_RECV])[2..]);
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 3);
+        assert_eq!(t.flows(), 1);
     }
 
     /// A flow answered, ended, and no reply event of it ever came, though no

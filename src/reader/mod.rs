@@ -3,8 +3,9 @@
 //! the readers ([`threads`]).
 //!
 //! Owns: the loop of one reader thread (receive until the socket is empty,
-//! then wait in `poll` until it is readable or the reader is stopped), and
-//! what it does on an overrun.
+//! then wait in `poll` until it is readable or the reader is stopped), what
+//! it does on an overrun, and when, between batches, it reconciles its flow
+//! table with a dump of the kernel's table.
 //! Never: allocates, locks, logs or makes a syscall per event; the one
 //! syscall per batch is the receive. It logs at most one line per
 //! [`OVERRUN_LOG_EVERY`] about overruns.
@@ -15,11 +16,14 @@ pub mod threads;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Receiver;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+use crate::flow::LiveFlows;
 use crate::sys::{ConntrackSocket, RecvBatch, RecvError};
 
 pub use path::{ignores_event_stamps, wall_clock_ns, EventPath};
@@ -35,6 +39,11 @@ pub const WAKE: Token = Token(1);
 
 /// At most one log line about overruns per this interval.
 pub const OVERRUN_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Flow-table slots reconciled with a table dump per drained socket: a
+/// slice of a few hundred microseconds, after which the reader receives
+/// again, so a large table's sweep never holds events back for long.
+pub const RECONCILE_SLOTS: usize = 16_384;
 
 /// A reader that has been away from its poll this long without finishing a
 /// batch is stuck: `/healthz` says so. A batch takes microseconds; a
@@ -163,19 +172,25 @@ pub struct Reader<'a> {
     path: EventPath<'a>,
     drain_delay: Duration,
     overruns: OverrunLog,
+    /// Where the table census leaves the flows a dump found.
+    live_flows: Option<Receiver<Arc<LiveFlows>>>,
+    /// The dump being reconciled with, and the slot to go on from.
+    reconciling: Option<(Arc<LiveFlows>, usize)>,
     #[cfg(debug_assertions)]
     fault: Option<Fault>,
 }
 
 impl<'a> Reader<'a> {
     /// A reader of `socket` that waits in `poll` (whose waker, token
-    /// [`WAKE`], stops it) and takes each batch through `path`. Allocates
-    /// its receive buffers, once.
+    /// [`WAKE`], stops it, or wakes it for its mail) and takes each batch
+    /// through `path`; it reconciles its flow table with each [`LiveFlows`]
+    /// that arrives on `live_flows`. Allocates its receive buffers, once.
     pub fn new(
         socket: ConntrackSocket,
         poll: Poll,
         path: EventPath<'a>,
         options: &ReaderOptions,
+        live_flows: Option<Receiver<Arc<LiveFlows>>>,
     ) -> io::Result<Reader<'a>> {
         let fd = socket.as_raw_fd();
         poll.registry()
@@ -188,6 +203,8 @@ impl<'a> Reader<'a> {
             path,
             drain_delay: options.drain_delay,
             overruns: OverrunLog::default(),
+            live_flows,
+            reconciling: None,
             #[cfg(debug_assertions)]
             fault: Fault::from_env(),
         })
@@ -220,6 +237,9 @@ impl<'a> Reader<'a> {
                 }
                 Err(RecvError::WouldBlock) => {
                     self.path.drained();
+                    if self.reconcile_some() {
+                        continue;
+                    }
                     health.waiting();
                     if !self.wait(stop)? {
                         return Ok(());
@@ -239,6 +259,28 @@ impl<'a> Reader<'a> {
                 .datagram(datagram.bytes, datagram.truncated, received_ns)?;
         }
         self.path.end_batch()
+    }
+
+    /// At a drained socket: the next slice of the reconciliation under way,
+    /// or else a table dump's flows taken from the mail. True when the
+    /// reader should receive again before it waits: events that came
+    /// meanwhile go first, and a dump just taken is applied only at the
+    /// next drained socket, when every event the kernel sent before the dump
+    /// ended has been taken.
+    fn reconcile_some(&mut self) -> bool {
+        if let Some((live, from)) = self.reconciling.take() {
+            if let Some(next) = self.path.reconcile(&live, from, RECONCILE_SLOTS) {
+                self.reconciling = Some((live, next));
+            }
+            return true;
+        }
+        match self.live_flows.as_ref().map(Receiver::try_recv) {
+            Some(Ok(live)) => {
+                self.reconciling = Some((live, 0));
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Drained: waits until the socket is readable (true) or the reader is

@@ -8,9 +8,10 @@
 //! debugging mode that writes each event to stdout.
 
 use std::io::{self, Write};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-use crate::flow::FlowTracker;
+pub use crate::flow::wall_clock_ns;
+use crate::flow::{FlowTracker, LiveFlows};
 use crate::stats::self_metrics::{FLOW_TABLE_CAPACITY, FLOW_TABLE_FLOWS, READER_DATAGRAMS};
 use crate::stats::{Counter, Series, ShardWriter};
 use crate::wire::{CtEvent, Datagram, EventKind, Message};
@@ -147,6 +148,15 @@ impl<'a> EventPath<'a> {
         self.tracker.drained(wall_clock_ns(), &mut self.shard);
     }
 
+    /// Reconciles up to `slots` flow-table slots from `from` with `live`
+    /// (see [`FlowTracker::reconcile`]); the slot to go on from, if any.
+    /// Between batches, never per event.
+    pub fn reconcile(&mut self, live: &LiveFlows, from: usize, slots: usize) -> Option<usize> {
+        let next = self.tracker.reconcile(live, from, slots, &mut self.shard);
+        self.flows.set(self.tracker.flows() as f64);
+        next
+    }
+
     /// Whether the last event carried the kernel's stamp
     /// (`CTA_TIMESTAMP_EVENT`): then waiting before a drain adds nothing to
     /// any latency.
@@ -158,13 +168,4 @@ impl<'a> EventPath<'a> {
     pub fn tracker(&self) -> &FlowTracker {
         &self.tracker
     }
-}
-
-/// The wall clock (`CLOCK_REALTIME`, the clock of the kernel's conntrack
-/// stamps) in nanoseconds since the epoch; a vDSO read, no syscall.
-#[inline]
-pub fn wall_clock_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }

@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
+use crossbeam_channel::Receiver;
 use mio::{Poll, Waker};
 
 use super::{wall_clock_ns, EventPath, Reader, ReaderHealth, ReaderOptions, WAKE};
-use crate::flow::FlowTracker;
+use crate::flow::{FlowTracker, LiveFlows};
 use crate::stats::Registry;
 use crate::sys::ConntrackSocket;
 
@@ -26,6 +27,8 @@ pub struct ReaderPlan {
     pub tracker: FlowTracker,
     /// The CPU to pin it to, if any.
     pub cpu: Option<usize>,
+    /// Where the table census leaves the flows each dump found, if it runs.
+    pub live_flows: Option<Receiver<Arc<LiveFlows>>>,
 }
 
 /// Stops every reader: sets the shared flag and wakes each reader's poll.
@@ -36,6 +39,14 @@ pub struct StopReaders {
 }
 
 impl StopReaders {
+    /// Wakes reader `index`'s poll without stopping it: it looks at its
+    /// mail (a table dump to reconcile with).
+    pub fn wake(&self, index: usize) {
+        if let Some(waker) = self.wakers.get(index) {
+            let _ = waker.wake();
+        }
+    }
+
     /// Each reader returns at its next drained socket.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
@@ -194,5 +205,5 @@ fn read(
         .writer(index)
         .ok_or_else(|| io::Error::other(format!("stats shard {index} already has a writer")))?;
     let path = EventPath::new(index, shard, plan.tracker, options.print_events);
-    Reader::new(plan.socket, poll, path, &options)?.run(stopping, health)
+    Reader::new(plan.socket, poll, path, &options, plan.live_flows)?.run(stopping, health)
 }

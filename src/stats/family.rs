@@ -363,11 +363,14 @@ pub enum Counter {
     /// DESTROY events of a flow already counted, delivered again by the
     /// kernel; dropped.
     DuplicateDestroys,
+    /// Flows dropped from a flow table because a dump of the kernel's table
+    /// no longer had them: their DESTROY was lost.
+    LostDestroys,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::EventsNew,
         Counter::EventsUpdate,
         Counter::EventsDestroy,
@@ -378,6 +381,7 @@ impl Counter {
         Counter::FlowsEvicted,
         Counter::KernelFilterMisses,
         Counter::DuplicateDestroys,
+        Counter::LostDestroys,
     ];
 
     /// Slot of the counter among the shard's own slots.

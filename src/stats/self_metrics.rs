@@ -23,6 +23,11 @@ pub const READER_DATAGRAMS: &str = "conntrack_monitoring_reader_datagrams_total"
 pub const FLOW_TABLE_CAPACITY: &str = "conntrack_monitoring_flow_table_capacity";
 /// Flows in each reader's flow table (gauge, label `reader`).
 pub const FLOW_TABLE_FLOWS: &str = "conntrack_monitoring_flow_table_flows";
+/// DNAT'd flows to destinations outside every service subnet at the last
+/// table dump (gauge).
+pub const DNAT_OUTSIDE: &str = "conntrack_monitoring_dnat_flows_outside_service_subnets";
+/// Dumps of the kernel's conntrack table (counter, label `outcome`).
+pub const TABLE_DUMPS: &str = "conntrack_monitoring_table_dumps_total";
 /// Time to merge the shards and render one scrape (histogram).
 pub const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
 
@@ -52,7 +57,7 @@ pub struct FamilyDef {
 }
 
 /// The self-metric families, in render order.
-pub const FAMILIES: [FamilyDef; 5] = [
+pub const FAMILIES: [FamilyDef; 7] = [
     FamilyDef {
         name: READER_DATAGRAMS,
         kind: Kind::Counter,
@@ -75,6 +80,18 @@ pub const FAMILIES: [FamilyDef; 5] = [
         name: RECEIVE_BUFFER,
         kind: Kind::Gauge,
         help: "Receive buffer the kernel granted the netlink socket",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: DNAT_OUTSIDE,
+        kind: Kind::Gauge,
+        help: "DNAT'd flows whose original destination is outside every --svc-subnet and not an address of this node, at the last table dump: Services a too-narrow --svc-subnet misses, or LoadBalancer and external IPs",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: TABLE_DUMPS,
+        kind: Kind::Counter,
+        help: "Dumps of the kernel's conntrack table (--table-dump-seconds), by outcome (ok, failed)",
         bounds: &[],
     },
     FamilyDef {

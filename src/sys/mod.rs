@@ -1,5 +1,6 @@
 //! The operating-system side: the conntrack netlink socket and the batched
-//! receive from it.
+//! receive from it, the socket of the table dumps, and the small syscalls
+//! around them.
 //!
 //! Owns: every `unsafe` block of the crate, each a small wrapper around one
 //! syscall with a `// SAFETY:` argument. File descriptors are `OwnedFd`s.
@@ -9,12 +10,14 @@
 #![allow(unsafe_code)]
 
 pub mod filter;
+pub mod local_addresses;
 pub mod memory;
 pub mod netlink;
 pub mod process;
 pub mod recv;
 pub mod signal;
 pub mod sysctl;
+pub mod table_dump;
 
 pub use netlink::{ConntrackSocket, EventGroups};
 pub use recv::{RecvBatch, RecvError};

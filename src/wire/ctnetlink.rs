@@ -9,7 +9,9 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::netlink::{NetlinkHeader, NLMSG_HDRLEN, NLM_F_CREATE, NLM_F_EXCL};
+use super::netlink::{
+    NetlinkHeader, NLMSG_HDRLEN, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+};
 use super::nla::{Nla, NlaIter};
 use super::WireError;
 
@@ -17,6 +19,9 @@ use super::WireError;
 pub const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 /// `IPCTNL_MSG_CT_NEW`: NEW and UPDATE events (told apart by `nlmsg_flags`).
 pub const IPCTNL_MSG_CT_NEW: u16 = 0;
+/// `IPCTNL_MSG_CT_GET`: a request for entries of the table (a dump with
+/// `NLM_F_DUMP`).
+pub const IPCTNL_MSG_CT_GET: u16 = 1;
 /// `IPCTNL_MSG_CT_DELETE`: DESTROY events.
 pub const IPCTNL_MSG_CT_DELETE: u16 = 2;
 /// Size of `struct nfgenmsg` (family, version, res_id) after the netlink header.
@@ -456,6 +461,25 @@ impl CtEvent {
     }
 }
 
+/// Length of [`dump_request`]: a netlink header and a `struct nfgenmsg`.
+pub const DUMP_REQUEST_LEN: usize = NLMSG_HDRLEN + NFGENMSG_LEN;
+
+/// The request for every entry of the conntrack table of the socket's
+/// network namespace, both address families (`AF_UNSPEC`), numbered `seq`.
+/// The kernel answers with one `IPCTNL_MSG_CT_NEW` message per entry,
+/// carrying the attributes of an event, in parts flagged `NLM_F_MULTI`,
+/// then `NLMSG_DONE`.
+pub fn dump_request(seq: u32) -> [u8; DUMP_REQUEST_LEN] {
+    let mut out = [0u8; DUMP_REQUEST_LEN];
+    let kind = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET;
+    out[0..4].copy_from_slice(&(DUMP_REQUEST_LEN as u32).to_ne_bytes());
+    out[4..6].copy_from_slice(&kind.to_ne_bytes());
+    out[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    out[8..12].copy_from_slice(&seq.to_ne_bytes());
+    // pid 0: to the kernel. nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0.
+    out
+}
+
 /// The fixed layouts the kernel writes for the common nests, matched at
 /// known offsets so that reading them is not a chain of dependent length
 /// loads (the attribute walk costs about 2 ns per attribute here, and an
@@ -786,6 +810,18 @@ mod tests {
     //! are written as literals from `nfnetlink_conntrack.h`, not the constants
     //! above, so a wrong constant cannot hide behind itself.
     use super::*;
+
+    #[test]
+    fn dump_request_is_a_ctnetlink_get_with_the_dump_flags() {
+        let req = dump_request(7);
+        let (h, msg) = NetlinkHeader::parse(&req).unwrap();
+        assert_eq!(msg.len(), 20);
+        assert_eq!(
+            (h.len, h.kind, h.flags, h.seq, h.pid),
+            (20, 0x0101, 0x0301, 7, 0)
+        );
+        assert_eq!(&req[16..], &[0, 0, 0, 0], "AF_UNSPEC, version 0, res_id 0");
+    }
     use crate::wire::encode::{encode, fixture_messages, Builder, Form};
     use crate::wire::{Datagram, Message};
     use proptest::prelude::*;

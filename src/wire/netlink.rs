@@ -26,6 +26,16 @@ pub const NLM_F_CREATE: u16 = 0x400;
 /// `nlmsg_flags`: a NEW conntrack event (set with `NLM_F_CREATE`).
 pub const NLM_F_EXCL: u16 = 0x200;
 
+/// `nlmsg_flags`: a request (to the kernel).
+pub const NLM_F_REQUEST: u16 = 0x1;
+/// `nlmsg_flags`: one part of a multi-part reply (a dump), ended by `NLMSG_DONE`.
+pub const NLM_F_MULTI: u16 = 0x2;
+/// `nlmsg_flags`: a request for every entry (`NLM_F_ROOT | NLM_F_MATCH`).
+pub const NLM_F_DUMP: u16 = 0x300;
+/// `nlmsg_flags` of a dump's part: the table changed under the dump in a way
+/// that may have skipped or repeated entries.
+pub const NLM_F_DUMP_INTR: u16 = 0x10;
+
 /// The fixed header of every netlink message, host byte order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetlinkHeader {

@@ -67,10 +67,16 @@ while True:
 
 /// `n` request/response UDP flows to `host:port`, each from its own source
 /// port (`first_port`, `first_port + 1`, ...: the kernel's ephemeral ports
-/// repeat, and a repeated tuple would be the same flow), `window`
-/// outstanding at a time.
+/// repeat, and a repeated tuple would be the same flow), 200 outstanding
+/// at a time.
 pub fn udp_client(n: usize, host: &str, port: u16, first_port: u16) -> String {
     udp_client_from(&["0.0.0.0"], n, host, port, first_port)
+}
+
+/// [`udp_client`] with at most `window` flows unanswered at a time (a
+/// small receive buffer keeps up with their NEW and reply events).
+pub fn udp_client_paced(n: usize, host: &str, port: u16, first_port: u16, window: usize) -> String {
+    udp_client_script(&["0.0.0.0"], n, host, port, first_port, window)
 }
 
 /// [`udp_client`] with source addresses taken in turn from `sources`, so
@@ -82,6 +88,17 @@ pub fn udp_client_from(
     port: u16,
     first_port: u16,
 ) -> String {
+    udp_client_script(sources, n, host, port, first_port, 200)
+}
+
+fn udp_client_script(
+    sources: &[&str],
+    n: usize,
+    host: &str,
+    port: u16,
+    first_port: u16,
+    window: usize,
+) -> String {
     let sources = sources
         .iter()
         .map(|s| format!("\"{s}\""))
@@ -90,7 +107,7 @@ pub fn udp_client_from(
     format!(
         r#"
 import socket, selectors
-n, host, port, first, window = {n}, "{host}", {port}, {first_port}, 200
+n, host, port, first, window = {n}, "{host}", {port}, {first_port}, {window}
 sources = [{sources}]
 sel = selectors.DefaultSelector(); sent = done = 0
 while done < n:
