@@ -22,7 +22,7 @@ use conntrack_metrics::sys::filter::attach_filter;
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups, RecvBatch, RecvError};
 use conntrack_metrics::wire::{EventKind, Message};
 
-use common::netns::{kernel_tests_possible, VirtualNode};
+use common::netns::{in_netns, kernel_tests_possible, VirtualNode};
 use common::traffic::{start_backend, DUAL_STACK_BACKEND};
 
 const RULESET: &str = r#"
@@ -82,23 +82,6 @@ const SERVICE_FLOWS_PER_FAMILY: usize = ROUNDS + ROUNDS.div_ceil(2);
 
 fn subnets(list: &[&str]) -> Vec<Subnet> {
     list.iter().map(|s| s.parse().unwrap()).collect()
-}
-
-/// Runs `f` on a thread that has joined the network namespace `ns`:
-/// sockets it opens belong to that namespace for their whole life.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: `file` is an open namespace file for the whole call;
-        // setns only changes this thread's network namespace, and this thread
-        // ends when `f` returns.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 /// One socket's datagrams, and whether it overran.

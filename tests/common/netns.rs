@@ -13,8 +13,13 @@
 //! Traffic only ever goes to addresses assigned here. Dropping the node kills
 //! every process it started and deletes its namespaces, also when a test fails.
 
+use std::io;
+use std::mem::size_of;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -65,6 +70,66 @@ pub fn kernel_tests_possible() -> bool {
     } else {
         panic!("{why}; run as root via tests/run.sh, or set CONNTRACK_METRICS_SKIP_KERNEL_TESTS=1");
     }
+}
+
+/// Runs `f` on a thread that has joined the network namespace `ns`:
+/// sockets it opens belong to that namespace for their whole life.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(ns, f).join().unwrap()
+}
+
+/// Starts `f` on a thread that has joined the network namespace `ns`.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: `file` is an open namespace file for the whole call;
+        // setns only changes this thread's network namespace, and this thread
+        // ends when `f` returns.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
+        f()
+    })
+}
+
+/// A TCP connection to `to` from the local address `from` (std cannot bind a
+/// client socket before it connects), given up after `timeout`.
+pub fn connect_from(from: Ipv4Addr, to: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: socket() reads no memory of ours; its result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket just opened, which nothing else owns.
+    let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // A blocking connect gives up after the send timeout (SO_SNDTIMEO).
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let local = sockaddr(SocketAddrV4::new(from, 0));
+    // SAFETY: `local` is a sockaddr_in of `len` bytes that outlives the call.
+    let rc = unsafe { libc::bind(fd, (&raw const local).cast(), len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let remote = sockaddr(to);
+    // SAFETY: `remote` is a sockaddr_in of `len` bytes that outlives the call.
+    let rc = unsafe { libc::connect(fd, (&raw const remote).cast(), len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 pub struct VirtualNode {
