@@ -7,13 +7,15 @@
 //! and joined when its test ends (also on panic), so nothing here can hang.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use conntrack_metrics::expo::http::{Endpoint, Format, Limits, StopHandle};
+
+mod common;
 
 /// Longest any single socket operation of a test may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,6 +96,24 @@ impl Server {
         assert_eq!(r.body, body(Format::Prometheus));
     }
 
+    /// `n` connections whose server side is busy writing responses they do
+    /// not read: each pipelines [`PIPELINED`] scrapes. Needs a zero
+    /// `min_render_interval`: each is answered when `renders` goes up.
+    fn stalled_clients(&self, n: usize) -> Vec<Client> {
+        let mut stalled = Vec::new();
+        for i in 1..=n {
+            let mut c = self.client();
+            c.send(&b"GET /metrics HTTP/1.1\r\n\r\n".repeat(PIPELINED));
+            let start = Instant::now();
+            while self.renders.load(Ordering::Relaxed) < i {
+                assert!(start.elapsed() < IO_TIMEOUT);
+                thread::sleep(Duration::from_millis(1));
+            }
+            stalled.push(c);
+        }
+        stalled
+    }
+
     /// The server thread is still serving.
     fn assert_alive(&self) {
         assert!(!self.thread.as_ref().unwrap().is_finished());
@@ -160,6 +180,18 @@ impl Client {
         let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap();
         stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// A connection from another loopback address than 127.0.0.1.
+    fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> Client {
+        let SocketAddr::V4(to) = addr else {
+            panic!("{addr} is not IPv4")
+        };
+        let stream = common::netns::connect_from(from, to, IO_TIMEOUT).unwrap();
         Client {
             stream,
             buf: Vec::new(),
@@ -434,6 +466,93 @@ fn keep_alive_pipelining_and_http10_close() {
     c.expect_closed();
 }
 
+/// More pipelined requests in one write than a connection answers per turn:
+/// it yields with the rest in its head buffer, where no readiness event will
+/// report them, so the server must drive it again on the next round. Without
+/// that, the rest would wait for the head deadline (2 s) and get a 408.
+#[test]
+fn pipelined_requests_beyond_one_turn_are_all_answered() {
+    const REQUESTS: usize = 100;
+    let server = Server::start(test_limits());
+    let mut c = server.client();
+    let start = Instant::now();
+    // 2,600 bytes: within the 8 KiB head buffer, and small answers, so only
+    // the per-turn bound, not a full socket, stops the server.
+    c.send(&b"GET /healthz HTTP/1.1\r\n\r\n".repeat(REQUESTS));
+    for i in 0..REQUESTS {
+        let r = c.response(false).unwrap().expect("a response");
+        assert_eq!((r.status, &r.body[..]), (200, &b"ok\n"[..]), "request {i}");
+    }
+    let elapsed = start.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+    // The same with /metrics, whose answers fill the socket too.
+    c.send(&b"GET /metrics HTTP/1.1\r\n\r\n".repeat(20));
+    for _ in 0..20 {
+        let r = c.response(false).unwrap().expect("a response");
+        assert_eq!(r.body, body(Format::Prometheus));
+    }
+}
+
+/// Within `min_render_interval`, every `/metrics` request of a format gets
+/// the bytes of one render, GET or HEAD, gzipped or not; past it, the next
+/// request renders again.
+#[test]
+fn metrics_is_rendered_once_per_interval_and_format() {
+    let server = Server::start(Limits {
+        // Longer than this test: nothing expires by accident.
+        min_render_interval: Duration::from_secs(60),
+        ..test_limits()
+    });
+    let om = "Accept: application/openmetrics-text\r\n";
+    let gz = "Accept-Encoding: gzip\r\n";
+    let mut c = server.client();
+    let mut gzipped = Vec::new();
+    for round in 0..2 {
+        for (format, accept) in [(Format::Prometheus, ""), (Format::OpenMetrics, om)] {
+            for (method, encoding) in [("GET", ""), ("HEAD", ""), ("GET", gz), ("HEAD", gz)] {
+                let head = method == "HEAD";
+                c.send(format!("{method} /metrics HTTP/1.1\r\n{accept}{encoding}\r\n").as_bytes());
+                let r = c.response(head).unwrap().unwrap();
+                assert_eq!(r.status, 200);
+                let length: usize = r.header("content-length").unwrap().parse().unwrap();
+                let want = match (encoding.is_empty(), head) {
+                    (true, false) => {
+                        assert_eq!(r.body, body(format));
+                        body(format).len()
+                    }
+                    (true, true) => body(format).len(),
+                    (false, false) => {
+                        let mut plain = Vec::new();
+                        flate2::read::GzDecoder::new(&r.body[..])
+                            .read_to_end(&mut plain)
+                            .unwrap();
+                        assert_eq!(plain, body(format));
+                        gzipped.push(r.body);
+                        length
+                    }
+                    (false, true) => gzipped.last().unwrap().len(),
+                };
+                assert_eq!(length, want, "round {round}: {method} {accept}{encoding}");
+            }
+        }
+        assert_eq!(server.renders.load(Ordering::Relaxed), 2, "round {round}");
+    }
+    // The same gzip bytes both rounds: compressed once.
+    assert_eq!(gzipped[0], gzipped[2]);
+    assert_eq!(gzipped[1], gzipped[3]);
+
+    let server = Server::start(Limits {
+        min_render_interval: Duration::from_millis(100),
+        ..test_limits()
+    });
+    server.scrape();
+    server.scrape();
+    assert_eq!(server.renders.load(Ordering::Relaxed), 1);
+    thread::sleep(Duration::from_millis(150));
+    server.scrape();
+    assert_eq!(server.renders.load(Ordering::Relaxed), 2);
+}
+
 #[test]
 fn garbage_gets_400_then_close() {
     let server = Server::start(test_limits());
@@ -594,19 +713,11 @@ fn at_the_cap_with_every_connection_busy_newcomers_get_503() {
     let server = Server::start(Limits {
         max_connections: 2,
         write_deadline: Duration::from_secs(10),
+        // Every request renders, so `renders` tells when each is answered.
+        min_render_interval: Duration::ZERO,
         ..test_limits()
     });
-    let mut stalled = Vec::new();
-    for i in 1..=2 {
-        let mut c = server.client();
-        c.send(&b"GET /metrics HTTP/1.1\r\n\r\n".repeat(PIPELINED));
-        let start = Instant::now();
-        while server.renders.load(Ordering::Relaxed) < i {
-            assert!(start.elapsed() < IO_TIMEOUT);
-            thread::sleep(Duration::from_millis(1));
-        }
-        stalled.push(c);
-    }
+    let stalled = server.stalled_clients(2);
     for _ in 0..3 {
         let mut c = server.client();
         c.send(b"GET /metrics HTTP/1.1\r\n\r\n");
@@ -625,6 +736,64 @@ fn at_the_cap_with_every_connection_busy_newcomers_get_503() {
         let r = c.response(false).unwrap().unwrap();
         if r.status == 200 {
             assert_eq!(r.body, body(Format::Prometheus));
+            break;
+        }
+        assert!(start.elapsed() < IO_TIMEOUT, "still refused");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One address is served at most `max_connections_per_peer` connections: a
+/// newcomer from it takes the place of its own connection that has waited
+/// longest for a request, and is refused when all of them are busy, while
+/// another address is still served.
+#[test]
+fn past_the_per_peer_cap_newcomers_get_503_and_other_peers_are_served() {
+    let server = Server::start(Limits {
+        max_connections: 4,
+        max_connections_per_peer: 2,
+        write_deadline: Duration::from_secs(10),
+        // Every request renders, so `renders` tells when each is answered.
+        min_render_interval: Duration::ZERO,
+        ..test_limits()
+    });
+    let other = Ipv4Addr::new(127, 0, 0, 2);
+    // Two idle connections from 127.0.0.2; a third takes the older's place.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::connect_from(other, server.addr);
+        c.send(b"GET /healthz HTTP/1.1\r\n\r\n");
+        assert_eq!(c.response(false).unwrap().unwrap().status, 200);
+        idle.push(c);
+    }
+    let mut third = Client::connect_from(other, server.addr);
+    third.send(b"GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(third.response(false).unwrap().unwrap().status, 200);
+    idle[0].expect_closed();
+    idle[1].send(b"GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(idle[1].response(false).unwrap().unwrap().status, 200);
+    drop((idle, third));
+
+    // Two busy connections from 127.0.0.1 (stalled on their responses).
+    let stalled = server.stalled_clients(2);
+    let mut c = server.client();
+    c.send(b"GET /healthz HTTP/1.1\r\n\r\n");
+    let r = c.response(false).unwrap().unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.closes());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    c.expect_closed();
+    // Another address is served, on a slot 127.0.0.1 could not take.
+    let mut c = Client::connect_from(other, server.addr);
+    c.send(b"GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(c.response(false).unwrap().unwrap().status, 200);
+    // Once the stalled ones are gone, 127.0.0.1 is served again.
+    drop(stalled);
+    let start = Instant::now();
+    loop {
+        let mut c = server.client();
+        c.send(b"GET /healthz HTTP/1.1\r\n\r\n");
+        if c.response(false).unwrap().unwrap().status == 200 {
             break;
         }
         assert!(start.elapsed() < IO_TIMEOUT, "still refused");
@@ -681,6 +850,9 @@ fn three_hundred_parallel_connections() {
     let server = Server::start(Limits {
         head_deadline: Duration::from_secs(1),
         write_deadline: Duration::from_secs(5),
+        // All connections come from 127.0.0.1; this test is about the cap
+        // on all of them.
+        max_connections_per_peer: 64,
         ..test_limits()
     });
     let addr = server.addr;

@@ -1,5 +1,5 @@
 //! The exporter's own metrics (receive buffer, flow tables, datagrams per
-//! reader, scrape duration): the `metrics` facade's recorder, and the cells
+//! reader, scrape duration, refused HTTP connections): the `metrics` facade's recorder, and the cells
 //! it writes that each scrape reads.
 //!
 //! Owns: the self-metric families ([`FAMILIES`]: names, kinds, help,
@@ -30,6 +30,8 @@ pub const DNAT_OUTSIDE: &str = "conntrack_monitoring_dnat_flows_outside_service_
 pub const TABLE_DUMPS: &str = "conntrack_monitoring_table_dumps_total";
 /// Time to merge the shards and render one scrape (histogram).
 pub const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
+/// Connections the HTTP endpoint refused with 503 (counter, label `reason`).
+pub const HTTP_REFUSED: &str = "conntrack_monitoring_http_connections_refused_total";
 
 /// What a family's samples are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +59,7 @@ pub struct FamilyDef {
 }
 
 /// The self-metric families, in render order.
-pub const FAMILIES: [FamilyDef; 7] = [
+pub const FAMILIES: [FamilyDef; 8] = [
     FamilyDef {
         name: READER_DATAGRAMS,
         kind: Kind::Counter,
@@ -99,6 +101,12 @@ pub const FAMILIES: [FamilyDef; 7] = [
         kind: Kind::Histogram,
         help: "Time to merge the shards and render one scrape",
         bounds: &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25],
+    },
+    FamilyDef {
+        name: HTTP_REFUSED,
+        kind: Kind::Counter,
+        help: "Connections the HTTP endpoint answered 503 and closed: too many from one address (peer cap) or all served connections busy (connection cap)",
+        bounds: &[],
     },
 ];
 

@@ -9,12 +9,14 @@
 //! closes.
 //!
 //! Never: blocks (every read and write stops at `WouldBlock`), reads past
-//! `max_head_bytes` of a request head, reads a request body, reads more than
-//! [`LINGER_READ_BUDGET`] per wake-up while lingering, or decides on its own
-//! that it is closed: it says what it needs ([`Next`]) and the server acts.
+//! `max_head_bytes` of a request head, reads a request body, answers more
+//! than [`REQUESTS_PER_DRIVE`] requests or reads more than
+//! [`LINGER_READ_BUDGET`] per wake-up, or decides on its own that it is
+//! closed or must be driven again: it says what it needs ([`Next`]) and the
+//! server acts.
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{IpAddr, Shutdown};
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,20 @@ pub struct Limits {
     /// Connections served at once (and, apart, connections being closed).
     /// Default 64.
     pub max_connections: usize,
+    /// Connections served at once from one peer IP address; a newcomer beyond
+    /// it is answered 503 and closed. Default 8: Prometheus keeps one
+    /// connection per target, and a few more leave room for a second
+    /// Prometheus behind the same address and a person with curl. A flood
+    /// from one address then holds at most an eighth of `max_connections`,
+    /// so a scraper from another address always finds a free slot.
+    pub max_connections_per_peer: usize,
+    /// Least time between two renders of one format: the `/metrics` requests
+    /// within it get the bytes (and gzip) of the last render. Zero renders
+    /// for every request. Default 250 ms: a flood of scrapes costs at most
+    /// four renders a second per format, and a scraper (every 1 s at the
+    /// fastest, 15 s by default in Prometheus) gets a body at most a quarter
+    /// of a second old.
+    pub min_render_interval: Duration,
 }
 
 impl Default for Limits {
@@ -47,9 +63,17 @@ impl Default for Limits {
             head_deadline: Duration::from_secs(5),
             write_deadline: Duration::from_secs(10),
             max_connections: 64,
+            max_connections_per_peer: 8,
+            min_render_interval: Duration::from_millis(250),
         }
     }
 }
+
+/// Requests answered per wake-up of one connection; then it yields to the
+/// others and is driven again on the next round of the poll. Prometheus,
+/// curl and browsers send one request at a time, so only a pipelining client
+/// ever waits for a round; four responses per turn amortize its wake-up.
+pub(super) const REQUESTS_PER_DRIVE: usize = 4;
 
 /// Bytes discarded per wake-up from a connection that is being closed, so a
 /// client flooding it cannot keep the thread from the others.
@@ -86,10 +110,18 @@ pub(super) enum Next {
     /// Its last response is sent and its write side shut: linger if there is
     /// room among closing connections, else drop it.
     Linger,
+    /// It answered [`REQUESTS_PER_DRIVE`] requests and may have more waiting
+    /// (in its head buffer or its socket), for which no readiness event will
+    /// come: drive it again on the next round.
+    Again,
 }
 
 pub(super) struct Conn {
     pub(super) stream: TcpStream,
+    /// The client's address (IPv4-mapped IPv6 as IPv4), for the per-peer cap.
+    pub(super) peer: IpAddr,
+    /// The poll round that last drove it after a readiness event or a yield.
+    pub(super) round: u64,
     pub(super) budget: Budget,
     pub(super) phase: Phase,
     /// When the current phase has to be over.
@@ -105,13 +137,17 @@ pub(super) struct Conn {
     /// The response being written; `out[..sent]` is written.
     out: Vec<u8>,
     sent: usize,
+    /// Requests answered in the current [`Conn::drive`].
+    answered: usize,
 }
 
 impl Conn {
     /// A served connection, waiting for its first request head.
-    pub(super) fn serving(stream: TcpStream, now: Instant, limits: &Limits) -> Conn {
+    pub(super) fn serving(stream: TcpStream, peer: IpAddr, now: Instant, limits: &Limits) -> Conn {
         Conn {
             stream,
+            peer,
+            round: 0,
             budget: Budget::Serving,
             phase: Phase::Head,
             deadline: now + limits.head_deadline,
@@ -121,16 +157,19 @@ impl Conn {
             pending_parse: false,
             out: Vec::new(),
             sent: 0,
+            answered: 0,
         }
     }
 
     /// A connection taken in only to be answered 503 and closed; it counts as
     /// closing from the start and never reads a head.
-    pub(super) fn refusing(stream: TcpStream, now: Instant, limits: &Limits) -> Conn {
+    pub(super) fn refusing(stream: TcpStream, peer: IpAddr, now: Instant, limits: &Limits) -> Conn {
         let mut out = Vec::new();
         write_reply(&mut out, Status::Busy.plain(false, true));
         Conn {
             stream,
+            peer,
+            round: 0,
             budget: Budget::Closing,
             phase: Phase::Respond { close: true },
             deadline: now + limits.write_deadline,
@@ -140,6 +179,7 @@ impl Conn {
             pending_parse: false,
             out,
             sent: 0,
+            answered: 0,
         }
     }
 
@@ -150,6 +190,12 @@ impl Conn {
         self.filled -= len;
         self.saw_newline = self.head[..self.filled].contains(&b'\n');
         self.pending_parse = self.filled > 0;
+    }
+
+    /// Its last drive stopped at [`REQUESTS_PER_DRIVE`]: it has requests
+    /// waiting and is listed to be driven again, so it is not idle.
+    pub(super) fn yielded(&self) -> bool {
+        self.answered >= REQUESTS_PER_DRIVE
     }
 
     /// Queues an error response after which the connection is closed.
@@ -163,8 +209,9 @@ impl Conn {
         self.deadline = now + limits.write_deadline;
     }
 
-    /// Makes all the progress the socket allows, until it would block.
-    /// `drain` is scratch space for input read only to be discarded.
+    /// Makes all the progress the socket allows, until it would block or
+    /// has answered [`REQUESTS_PER_DRIVE`] requests. `drain` is scratch
+    /// space for input read only to be discarded.
     pub(super) fn drive(
         &mut self,
         now: Instant,
@@ -172,6 +219,7 @@ impl Conn {
         responder: &mut Responder<'_>,
         drain: &mut [u8],
     ) -> Next {
+        self.answered = 0;
         loop {
             let step = match self.phase {
                 Phase::Head => self.read_head(now, limits, responder),
@@ -193,6 +241,10 @@ impl Conn {
         limits: &Limits,
         responder: &mut Responder<'_>,
     ) -> ControlFlow<Next> {
+        if self.answered >= REQUESTS_PER_DRIVE {
+            // Whatever waits, in `head` or in the socket, waits a round.
+            return ControlFlow::Break(Next::Again);
+        }
         if self.pending_parse {
             self.pending_parse = false;
             if self.parse_head(now, limits, responder) {
@@ -240,7 +292,8 @@ impl Conn {
                 self.consume(len);
                 self.out.clear();
                 self.sent = 0;
-                let close = responder.respond(&request, &mut self.out);
+                self.answered += 1;
+                let close = responder.respond(&request, now, &mut self.out);
                 self.phase = Phase::Respond { close };
                 self.deadline = now + limits.write_deadline;
                 true
@@ -327,6 +380,8 @@ mod tests {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let mut conn = Conn {
             stream: TcpStream::from_std(client),
+            peer: IpAddr::from([127, 0, 0, 1]),
+            round: 0,
             budget: Budget::Serving,
             phase: Phase::Head,
             deadline: Instant::now(),
@@ -336,6 +391,7 @@ mod tests {
             pending_parse: true,
             out: Vec::new(),
             sent: 0,
+            answered: 0,
         };
         let (len, r) = complete(&conn.head[..conn.filled]);
         assert_eq!(r.route, Route::Healthz);

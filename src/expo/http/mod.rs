@@ -21,7 +21,15 @@
 //!   served connection is busy with a response, the newcomer gets 503 and close.
 //!   Connections on their way out (response sent, waiting for the client to
 //!   close) are counted apart, under the same cap; past both, a newcomer is
-//!   answered 503 on a best-effort write and closed at once.
+//!   answered 503 on a best-effort write and closed at once;
+//! - at most [`Limits::max_connections_per_peer`] connections from one IP
+//!   address are served at once; a newcomer beyond it gets 503 and close, so
+//!   a flood from one address leaves slots for scrapers from others;
+//! - a connection answers at most four pipelined requests per wake-up, then
+//!   yields to the others and is driven again on the next round;
+//! - `/metrics` is rendered at most once per [`Limits::min_render_interval`]
+//!   and format; the requests within it get the same bytes (and the same
+//!   gzip), so a flood of scrapes costs copies, not renders.
 //!
 //! A connection that is closed after a response first shuts its write side and
 //! then discards what the client still sends until the client closes or the
@@ -36,8 +44,8 @@
 //!
 //! Never: runs on the per-event reader thread, blocks on a socket, starts a
 //! thread, keeps more than the head limit of a request, accepts a request
-//! body, or reads the shards itself: the caller's renderer does, once per
-//! `/metrics` request.
+//! body, or reads the shards itself: the caller's renderer does, at most once
+//! per `min_render_interval` and format.
 //!
 //! The public items are [`Endpoint`], [`StopHandle`], [`Limits`] and
 //! [`Format`]. The code behind them sits in private modules whose arrows point
@@ -48,7 +56,7 @@
 //! - `connection`: one client connection (its phases, buffers, budget and
 //!   deadline) and the [`Limits`] it is held to;
 //! - `response`: statuses, the bytes of a response, and the `Responder` that
-//!   renders and compresses a `/metrics` body;
+//!   renders and compresses a `/metrics` body and keeps it for reuse;
 //! - `request`: parsing a request head and negotiating [`Format`] and gzip.
 
 mod connection;
@@ -107,13 +115,16 @@ impl StopHandle {
 impl Endpoint {
     /// Binds the listening socket (with `SO_REUSEADDR`, and mio's listen
     /// backlog of 128) and returns the endpoint and the handle that stops it.
-    /// Fails with `InvalidInput` when `max_connections` or `max_head_bytes` is
-    /// zero.
+    /// Fails with `InvalidInput` when `max_connections`,
+    /// `max_connections_per_peer` or `max_head_bytes` is zero.
     pub fn bind(addr: SocketAddr, limits: Limits) -> io::Result<(Endpoint, StopHandle)> {
-        if limits.max_connections == 0 || limits.max_head_bytes == 0 {
+        if limits.max_connections == 0
+            || limits.max_connections_per_peer == 0
+            || limits.max_head_bytes == 0
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "max_connections and max_head_bytes must be at least 1",
+                "max_connections, max_connections_per_peer and max_head_bytes must be at least 1",
             ));
         }
         let poll = Poll::new()?;
@@ -145,8 +156,9 @@ impl Endpoint {
     }
 
     /// Serves until stopped. `render` appends the exposition body for the
-    /// format to the Vec (called once per `/metrics` request, GET or HEAD, on
-    /// this thread, with an empty Vec); `healthy` answers `/healthz`, and
+    /// format to the Vec (called on this thread, with an empty Vec, for a
+    /// `/metrics` request, GET or HEAD, unless that format was rendered less
+    /// than `min_render_interval` before); `healthy` answers `/healthz`, and
     /// `/readyz` is 200 only when `ready` and `healthy` both say so.
     ///
     /// Returns `Ok(())` after [`StopHandle::stop`], or the error of the poll
@@ -165,7 +177,8 @@ impl Endpoint {
             stop,
             ..
         } = self;
-        let mut responder = Responder::new(render, ready, healthy);
+        let reuse_for = limits.min_render_interval;
+        let mut responder = Responder::new(render, ready, healthy, reuse_for);
         Server::new(limits).run(&mut poll, &listener, &stop, &mut responder)
     }
 }
@@ -184,6 +197,10 @@ mod tests {
             },
             Limits {
                 max_head_bytes: 0,
+                ..Limits::default()
+            },
+            Limits {
+                max_connections_per_peer: 0,
                 ..Limits::default()
             },
         ] {

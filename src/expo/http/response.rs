@@ -1,16 +1,20 @@
 //! Responses: their statuses, the bytes of a status line, headers and body, and
-//! the `Responder` that answers a parsed request (rendering a `/metrics` body
-//! in the negotiated format, gzipped when asked).
+//! the `Responder` that answers a parsed request (a `/metrics` body in the
+//! negotiated format, gzipped when asked, rendered at most once per
+//! [`Limits::min_render_interval`](super::Limits) and format).
 //!
-//! Owns: the reusable body and gzip buffers, and every header the endpoint
-//! sends (`Content-Length` always; `Content-Encoding`, `Vary`, `Allow`,
-//! `Retry-After`, `Connection: close` when they apply).
+//! Owns: the rendered bodies (one per format, each with its gzip, reused
+//! across requests and kept as the render cache), and every header the
+//! endpoint sends (`Content-Length` always; `Content-Encoding`, `Vary`,
+//! `Allow`, `Retry-After`, `Connection: close` when they apply).
 //!
-//! Never: touches a socket (responses are appended to a caller's `Vec`), or
+//! Never: touches a socket (responses are appended to a caller's `Vec`);
 //! calls the renderer for anything but a GET or HEAD of `/metrics` without a
-//! request body.
+//! request body, or for a format whose body is younger than the interval;
+//! compresses one rendered body twice.
 
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
@@ -22,32 +26,98 @@ pub(super) struct Responder<'r> {
     render: &'r mut dyn FnMut(Format, &mut Vec<u8>),
     ready: &'r dyn Fn() -> bool,
     healthy: &'r dyn Fn() -> bool,
-    /// The rendered exposition body.
+    /// How long a rendered body is served again instead of rendering anew.
+    reuse_for: Duration,
+    /// The last body of each format, indexed by [`Rendered::slot`].
+    rendered: [Rendered; 2],
+}
+
+/// One format's last rendered body, and its gzip once a request asked for it.
+#[derive(Default)]
+struct Rendered {
     body: Vec<u8>,
-    /// `body` compressed.
+    /// `body` compressed, when `gz_current`.
     gz: Vec<u8>,
+    gz_current: bool,
+    /// When `body` was rendered; `None` before the first render.
+    at: Option<Instant>,
+}
+
+impl Rendered {
+    fn slot(format: Format) -> usize {
+        match format {
+            Format::Prometheus => 0,
+            Format::OpenMetrics => 1,
+        }
+    }
+
+    /// Renders `body` again unless it is younger than `reuse_for` at `now`.
+    fn refresh(
+        &mut self,
+        format: Format,
+        now: Instant,
+        reuse_for: Duration,
+        render: &mut dyn FnMut(Format, &mut Vec<u8>),
+    ) {
+        let fresh = self
+            .at
+            .is_some_and(|at| now.saturating_duration_since(at) < reuse_for);
+        if fresh {
+            return;
+        }
+        self.body.clear();
+        render(format, &mut self.body);
+        self.gz_current = false;
+        self.at = Some(now);
+    }
+
+    /// Compresses `body` into `gz` unless that is done already; false if it
+    /// failed (then the response goes out uncompressed).
+    fn compress(&mut self) -> bool {
+        if self.gz_current {
+            return true;
+        }
+        let mut gz = std::mem::take(&mut self.gz);
+        gz.clear();
+        // The fastest level: the exposition text compresses well anyway, and
+        // this thread also merges the shards for every render.
+        let mut encoder = GzEncoder::new(gz, Compression::fast());
+        if encoder.write_all(&self.body).is_err() {
+            return false;
+        }
+        match encoder.finish() {
+            Ok(gz) => {
+                self.gz = gz;
+                self.gz_current = true;
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 impl<'r> Responder<'r> {
-    /// `render` appends a `/metrics` body in the given format; `healthy`
+    /// `render` appends a `/metrics` body in the given format, at most once
+    /// per `reuse_for` and format (zero: once per request); `healthy`
     /// answers `/healthz`, and `ready` and `healthy` both `/readyz`.
     pub(super) fn new(
         render: &'r mut dyn FnMut(Format, &mut Vec<u8>),
         ready: &'r dyn Fn() -> bool,
         healthy: &'r dyn Fn() -> bool,
+        reuse_for: Duration,
     ) -> Self {
         Responder {
             render,
             ready,
             healthy,
-            body: Vec::new(),
-            gz: Vec::new(),
+            reuse_for,
+            rendered: Default::default(),
         }
     }
 
-    /// Appends the response to `request` to `out`; returns whether the
-    /// connection is closed after it.
-    pub(super) fn respond(&mut self, request: &Request, out: &mut Vec<u8>) -> bool {
+    /// Appends the response to `request`, which arrived at `now`, to `out`;
+    /// returns whether the connection is closed after it.
+    pub(super) fn respond(&mut self, request: &Request, now: Instant, out: &mut Vec<u8>) -> bool {
         let head_only = request.method == Method::Head;
         let close = !request.keep_alive;
         match request.method {
@@ -63,13 +133,13 @@ impl<'r> Responder<'r> {
         }
         let reply = match request.route {
             Route::Metrics => {
-                self.body.clear();
-                (self.render)(request.format, &mut self.body);
-                let gzip = request.gzip && self.compress();
+                let rendered = &mut self.rendered[Rendered::slot(request.format)];
+                rendered.refresh(request.format, now, self.reuse_for, self.render);
+                let gzip = request.gzip && rendered.compress();
                 Reply {
                     status: Status::Ok,
                     content_type: request.format.content_type(),
-                    body: if gzip { &self.gz } else { &self.body },
+                    body: if gzip { &rendered.gz } else { &rendered.body },
                     gzip,
                     negotiated: true,
                     head_only,
@@ -85,26 +155,6 @@ impl<'r> Responder<'r> {
         };
         write_reply(out, reply);
         close
-    }
-
-    /// Compresses `body` into `gz`; false if that failed (then the response
-    /// goes out uncompressed).
-    fn compress(&mut self) -> bool {
-        let mut gz = std::mem::take(&mut self.gz);
-        gz.clear();
-        // The fastest level: the exposition text compresses well anyway, and
-        // this thread also merges the shards for every scrape.
-        let mut encoder = GzEncoder::new(gz, Compression::fast());
-        if encoder.write_all(&self.body).is_err() {
-            return false;
-        }
-        match encoder.finish() {
-            Ok(gz) => {
-                self.gz = gz;
-                true
-            }
-            Err(_) => false,
-        }
     }
 }
 

@@ -3,24 +3,32 @@
 //!
 //! Owns: the tokens of the poll, accepting (and retrying `accept` after a lack
 //! of resources), admission against the two caps of [`Limits::max_connections`]
-//! (serving, and closing), evicting the connection that has waited longest for
-//! its head, acting on passed deadlines, and refusing a newcomer beyond both
-//! caps. What a single connection does with its socket is `connection`'s.
+//! (serving, and closing) and against [`Limits::max_connections_per_peer`],
+//! evicting the connection that has waited longest for its head, the list of
+//! connections that yielded with requests left and are driven again on the
+//! next round, acting on passed deadlines, refusing a newcomer beyond both
+//! caps, and counting refusals in `http_connections_refused_total`. What a
+//! single connection does with its socket is `connection`'s.
 //!
 //! Never: blocks (the poll timeout is the nearest deadline, not a timer
-//! thread), or holds more than `max_connections` serving and
-//! `max_connections` closing connections.
+//! thread, and zero while a connection waits to be driven again), drives a
+//! connection twice in a round for readiness, holds more than
+//! `max_connections` serving and `max_connections` closing connections, or
+//! serves more than `max_connections_per_peer` from one address.
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{IpAddr, Shutdown};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token};
 
+use metrics::Counter;
+
 use super::connection::{Budget, Conn, Limits, Next, Phase, DRAIN_CHUNK};
 use super::response::{write_reply, Responder, Status};
+use crate::stats::self_metrics::HTTP_REFUSED;
 
 pub(super) const LISTENER: Token = Token(0);
 pub(super) const WAKER: Token = Token(1);
@@ -49,6 +57,20 @@ pub(super) struct Server {
     drain: Vec<u8>,
     /// The 503 of a connection refused without a slot.
     refusal: Vec<u8>,
+    /// Poll rounds so far; a connection is driven once per round for
+    /// readiness or a yield (`Conn::round`).
+    round: u64,
+    /// Slots whose connection yielded with requests left ([`Next::Again`]):
+    /// edge-triggered readiness will not report them, so the next round
+    /// drives them. May name a slot closed since, which is then skipped.
+    again: Vec<usize>,
+    /// The list being driven this round (kept to reuse its allocation).
+    redrive: Vec<usize>,
+    /// Newcomers refused because their address had
+    /// `max_connections_per_peer` connections.
+    refused_peer: Counter,
+    /// Newcomers refused because all `max_connections` were busy.
+    refused_busy: Counter,
 }
 
 impl Server {
@@ -62,6 +84,11 @@ impl Server {
             accept_retry: None,
             drain: vec![0; DRAIN_CHUNK],
             refusal: Vec::new(),
+            round: 0,
+            again: Vec::new(),
+            redrive: Vec::new(),
+            refused_peer: metrics::counter!(HTTP_REFUSED, "reason" => "peer cap"),
+            refused_busy: metrics::counter!(HTTP_REFUSED, "reason" => "connection cap"),
         }
     }
 
@@ -82,9 +109,13 @@ impl Server {
                 return Ok(());
             }
             let now = Instant::now();
-            let timeout = self
-                .next_deadline()
-                .map(|at| at.saturating_duration_since(now));
+            let timeout = if self.again.is_empty() {
+                self.next_deadline()
+                    .map(|at| at.saturating_duration_since(now))
+            } else {
+                // Connections wait to be driven again: only look for events.
+                Some(Duration::ZERO)
+            };
             match poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -92,14 +123,21 @@ impl Server {
             }
             let now = Instant::now();
             let registry = poll.registry();
+            self.round += 1;
+            std::mem::swap(&mut self.again, &mut self.redrive);
             for event in events.iter() {
                 match event.token() {
                     // The stop flag is looked at on the next turn.
                     WAKER => {}
                     LISTENER => self.accept_all(listener, registry, now, responder),
-                    Token(t) => self.drive_slot(t - FIRST_CONN, registry, now, responder),
+                    Token(t) => self.drive_ready(t - FIRST_CONN, registry, now, responder),
                 }
             }
+            let mut redrive = std::mem::take(&mut self.redrive);
+            for idx in redrive.drain(..) {
+                self.drive_ready(idx, registry, now, responder);
+            }
+            self.redrive = redrive;
             if self.accept_retry.is_some_and(|at| at <= now) {
                 self.accept_retry = None;
                 self.accept_all(listener, registry, now, responder);
@@ -124,7 +162,9 @@ impl Server {
     ) {
         loop {
             match listener.accept() {
-                Ok((stream, _)) => self.admit(stream, registry, now, responder),
+                Ok((stream, addr)) => {
+                    self.admit(stream, addr.ip().to_canonical(), registry, now, responder)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
                     if matches!(
@@ -143,25 +183,33 @@ impl Server {
         }
     }
 
-    /// Takes a freshly accepted connection in, as served, refused or dropped.
+    /// Takes a freshly accepted connection from `peer` in, as served,
+    /// refused or dropped. At a cap, the connection that has waited longest
+    /// for its head makes room: at the per-peer cap, one of the same
+    /// address (another address's connections are never its to take); at
+    /// the cap on all, any.
     fn admit(
         &mut self,
         stream: TcpStream,
+        peer: IpAddr,
         registry: &Registry,
         now: Instant,
         responder: &mut Responder<'_>,
     ) {
         let _ = stream.set_nodelay(true);
         let max = self.limits.max_connections;
-        if self.serving >= max {
-            self.evict_oldest_waiting(registry, now, responder);
+        let peer_full = !self.evict_oldest_waiting(Some(peer), registry, now, responder);
+        if peer_full {
+            self.refused_peer.increment(1);
+        } else if !self.evict_oldest_waiting(None, registry, now, responder) {
+            self.refused_busy.increment(1);
         }
-        let conn = if self.serving < max {
+        let conn = if !peer_full && self.serving < max {
             self.serving += 1;
-            Conn::serving(stream, now, &self.limits)
+            Conn::serving(stream, peer, now, &self.limits)
         } else if self.closing < max {
             self.closing += 1;
-            Conn::refusing(stream, now, &self.limits)
+            Conn::refusing(stream, peer, now, &self.limits)
         } else {
             self.refuse(stream);
             return;
@@ -191,6 +239,15 @@ impl Server {
         self.drive_slot(idx, registry, now, responder);
     }
 
+    /// Connections being served from `peer`. A linear scan, once per accept:
+    /// there are at most `2 * max_connections` connections.
+    fn served_from(&self, peer: IpAddr) -> usize {
+        let conns = self.conns.iter().flatten();
+        conns
+            .filter(|c| c.budget == Budget::Serving && c.peer == peer)
+            .count()
+    }
+
     /// A connection beyond both caps: a 503 if the socket takes it at once,
     /// then close. Reading what already arrived first keeps the close a FIN
     /// rather than a reset in the common case.
@@ -208,37 +265,50 @@ impl Server {
         let _ = stream.shutdown(Shutdown::Write);
     }
 
-    /// At the cap: frees a serving slot by evicting the connection that has
-    /// waited longest for its request head, after letting it read what it has
-    /// been sent (a request that is complete gets its answer and is not
-    /// evicted). Does nothing when every served connection is writing a
-    /// response.
+    /// Whether another connection from `peer` (with `Some`), or from
+    /// anywhere (`None`), may be served now.
+    fn has_room(&self, peer: Option<IpAddr>) -> bool {
+        match peer {
+            Some(peer) => self.served_from(peer) < self.limits.max_connections_per_peer,
+            None => self.serving < self.limits.max_connections,
+        }
+    }
+
+    /// Makes room for a newcomer from `peer` (`Some`: under the per-peer
+    /// cap, `None`: under the cap on all) if there is none, by evicting the
+    /// connection (from `peer`, or any) that has waited longest for its
+    /// request head, after letting it read what it has been sent (a request
+    /// that is complete gets its answer and is not evicted). Evicts no one
+    /// when every such connection is writing a response or has requests
+    /// waiting; false when there is still no room.
     fn evict_oldest_waiting(
         &mut self,
+        peer: Option<IpAddr>,
         registry: &Registry,
         now: Instant,
         responder: &mut Responder<'_>,
-    ) {
-        while self.serving >= self.limits.max_connections {
+    ) -> bool {
+        while !self.has_room(peer) {
             let victim = self
                 .conns
                 .iter()
                 .enumerate()
                 .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
                 .filter(|(_, c)| c.budget == Budget::Serving && c.phase == Phase::Head)
+                .filter(|(_, c)| !c.yielded() && peer.is_none_or(|p| c.peer == p))
                 .min_by_key(|(_, c)| c.deadline)
                 .map(|(i, _)| i);
-            let Some(idx) = victim else { return };
+            let Some(idx) = victim else { return false };
             self.drive_slot(idx, registry, now, responder);
             let Some(conn) = self.conns[idx].as_mut() else {
                 continue; // it closed by itself
             };
-            if conn.budget != Budget::Serving || conn.phase != Phase::Head {
+            if conn.budget != Budget::Serving || conn.phase != Phase::Head || conn.yielded() {
                 continue; // it got a request in and is being answered
             }
             if self.closing >= self.limits.max_connections {
                 self.close_slot(idx, registry);
-                return;
+                return true;
             }
             conn.budget = Budget::Closing;
             self.serving -= 1;
@@ -251,8 +321,26 @@ impl Server {
                 conn.deadline = now + self.limits.head_deadline;
             }
             self.drive_slot(idx, registry, now, responder);
-            return;
+            return true;
         }
+        true
+    }
+
+    /// Drives connection `idx` for a readiness event or a yield, unless this
+    /// round already did (a connection that yielded and then got an event).
+    fn drive_ready(
+        &mut self,
+        idx: usize,
+        registry: &Registry,
+        now: Instant,
+        responder: &mut Responder<'_>,
+    ) {
+        let round = self.round;
+        match self.conns.get_mut(idx).and_then(Option::as_mut) {
+            Some(conn) if conn.round != round => conn.round = round,
+            _ => return,
+        }
+        self.drive_slot(idx, registry, now, responder);
     }
 
     /// Drives connection `idx` (if it is still there: events may name a slot
@@ -270,6 +358,10 @@ impl Server {
             };
             match conn.drive(now, &self.limits, responder, &mut self.drain) {
                 Next::Keep => return,
+                Next::Again => {
+                    self.again.push(idx);
+                    return;
+                }
                 Next::Close => break,
                 Next::Linger => {
                     if conn.budget == Budget::Serving {
