@@ -14,8 +14,12 @@ use std::time::{Duration, Instant};
 use conntrack_metrics::census::{self, Census};
 use conntrack_metrics::config::Config;
 use conntrack_metrics::expo::http::{Endpoint, Limits, StopHandle};
-use conntrack_metrics::expo::scrape::{Exposition, ScrapeOptions};
-use conntrack_metrics::flow::{FlowTracker, KernelFiltered, LiveFlows, ReaderShare, ServiceFilter};
+use conntrack_metrics::expo::scrape::{Exposition, KeyLabels, ScrapeOptions};
+use conntrack_metrics::flow::services::label_overflow_blocks;
+use conntrack_metrics::flow::{
+    FlowTracker, KernelFiltered, LiveFlows, ReaderShare, ServiceBudget, ServiceFilter, ServiceKey,
+    ServiceSlots,
+};
 use conntrack_metrics::log;
 use conntrack_metrics::offload::event_mask::{self, EventMask};
 use conntrack_metrics::offload::socket_filter::SocketFilters;
@@ -23,7 +27,7 @@ use conntrack_metrics::reader::threads::{self, ReaderPlan, Readers};
 use conntrack_metrics::reader::{ignores_event_stamps, wall_clock_ns, ReaderOptions};
 use conntrack_metrics::stats::self_metrics::{RECEIVE_BUFFER, SCRAPE_DURATION};
 use conntrack_metrics::stats::summary::SummaryWindow;
-use conntrack_metrics::stats::{Registry, ShardSet};
+use conntrack_metrics::stats::{Registry, SeriesKey, ShardSet};
 use conntrack_metrics::sys::local_addresses::local_addresses;
 use conntrack_metrics::sys::signal::{self, Signal};
 use conntrack_metrics::sys::sysctl::{self, Outcome};
@@ -93,11 +97,38 @@ fn run(config: &Config) -> io::Result<()> {
 /// writing into it.
 fn metrics_registry(config: &Config) -> io::Result<Arc<Registry>> {
     let window = SummaryWindow::from_minutes(config.summary_timeout.into());
-    let shards = ShardSet::new(config.stats_shards.max(config.readers), window);
+    let count = config.stats_shards.max(config.readers);
+    let shards = match service_budget(config) {
+        Some(budget) => {
+            // One block per Service slot, and the overflow's.
+            let blocks = ServiceSlots::new(budget).blocks();
+            let shards = ShardSet::with_blocks(count, window, blocks);
+            label_overflow_blocks(&shards);
+            shards
+        }
+        None => ShardSet::new(count, window),
+    };
     let registry = Arc::new(Registry::new(shards));
     metrics::set_global_recorder(registry.recorder())
         .map_err(|e| io::Error::other(e.to_string()))?;
     Ok(registry)
+}
+
+/// With `--service-labels`, how Services get series of their own.
+fn service_budget(config: &Config) -> Option<ServiceBudget> {
+    let mut idle_ns = u64::from(config.service_idle_minutes) * 60_000_000_000;
+    // Test builds: the idle time in seconds, so a test need not wait minutes.
+    #[cfg(debug_assertions)]
+    if let Some(seconds) = std::env::var("CONNTRACK_METRICS_TEST_SERVICE_IDLE_SECONDS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        idle_ns = seconds * 1_000_000_000;
+    }
+    config.service_labels.then_some(ServiceBudget {
+        max_services: config.max_services,
+        idle_ns,
+    })
 }
 
 /// `nf_conntrack_acct` and `nf_conntrack_timestamp` on (or, with
@@ -243,13 +274,19 @@ fn reader_plans(
         .zip(config.reader_cpus())
         .map(|((socket, share), cpu)| ReaderPlan {
             socket,
-            tracker: FlowTracker::for_reader(
-                filter.clone(),
-                per_reader,
-                share,
-                kernel_filtered,
-                subscribed_ns,
-            ),
+            tracker: {
+                let tracker = FlowTracker::for_reader(
+                    filter.clone(),
+                    per_reader,
+                    share,
+                    kernel_filtered,
+                    subscribed_ns,
+                );
+                match service_budget(config) {
+                    Some(budget) => tracker.with_services(budget),
+                    None => tracker,
+                }
+            },
             cpu,
             live_flows: (config.table_dump_seconds > 0).then(|| {
                 let (send, receive) = crossbeam_channel::bounded(1);
@@ -301,6 +338,8 @@ fn reader_options(config: &Config) -> ReaderOptions {
         batch: config.recv_batch,
         drain_delay: Duration::from_micros(config.drain_delay_us),
         print_events: config.print_events,
+        // The idle sweep of Service slots runs at a drained socket.
+        tick: config.service_labels.then_some(Duration::from_secs(1)),
     }
 }
 
@@ -347,6 +386,9 @@ fn serve(
         legacy_names: config.legacy_names,
     };
     let mut exposition = Exposition::new(registry, options);
+    if config.service_labels {
+        exposition = exposition.with_key_labels(Box::new(ServiceLabels));
+    }
     let scrape_duration = metrics::histogram!(SCRAPE_DURATION);
     endpoint
         .run(
@@ -359,4 +401,25 @@ fn serve(
             &|| readers.healthy(),
         )
         .map_err(|e| io::Error::new(e.kind(), format!("HTTP endpoint stopped: {e}")))
+}
+
+/// The labels of a Service's series: `service_ip`, `service_port`,
+/// `protocol`; the overflow's are `other` and empty.
+struct ServiceLabels;
+
+impl KeyLabels for ServiceLabels {
+    fn labels(&self, key: SeriesKey, out: &mut Vec<(&'static str, String)>) {
+        match ServiceKey::from_series_key(key) {
+            Some(k) => {
+                out.push(("service_ip", k.addr.to_string()));
+                out.push(("service_port", k.port.to_string()));
+                out.push(("protocol", ServiceKey::protocol_name(k.proto).into()));
+            }
+            None => {
+                out.push(("service_ip", "other".into()));
+                out.push(("service_port", String::new()));
+                out.push(("protocol", String::new()));
+            }
+        }
+    }
 }

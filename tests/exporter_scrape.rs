@@ -195,6 +195,7 @@ const ADDED_SINCE: &[&str] = &[
     "conntrack_monitoring_lost_destroys",
     "conntrack_monitoring_dnat_flows_outside_service_subnets",
     "conntrack_monitoring_table_dumps",
+    "conntrack_monitoring_flows_over_service_budget",
     "conntrack_monitoring_http_connections_refused",
 ];
 

@@ -16,11 +16,12 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::hint::black_box;
 
-use conntrack_metrics::flow::{FlowTracker, ServiceFilter};
+use conntrack_metrics::flow::services::{label_overflow_blocks, OVERFLOW};
+use conntrack_metrics::flow::{FlowTracker, ServiceBudget, ServiceFilter};
 use conntrack_metrics::reader::EventPath;
 use conntrack_metrics::stats::self_metrics::{SeriesValue, READER_DATAGRAMS};
 use conntrack_metrics::stats::summary::SummaryWindow;
-use conntrack_metrics::stats::{Counter, Registry, Series, ShardSet, Snapshot};
+use conntrack_metrics::stats::{BlockLabels, Counter, Registry, Series, ShardSet, Snapshot};
 use conntrack_metrics::wire::{CtEvent, Datagram, EventKind, Message};
 
 thread_local! {
@@ -82,15 +83,37 @@ const BATCH: usize = 64;
 
 #[test]
 fn the_readers_event_path_allocates_nothing() {
+    event_path_allocates_nothing(None);
+}
+
+/// With `--service-labels` and a budget of one Service: Services take
+/// slots (relabelling their blocks), the rest overflow, idle ones leave at
+/// each drained socket; nothing allocates.
+#[test]
+fn the_event_path_with_service_labels_allocates_nothing() {
+    event_path_allocates_nothing(Some(ServiceBudget {
+        max_services: 1,
+        idle_ns: 0,
+    }));
+}
+
+fn event_path_allocates_nothing(budget: Option<ServiceBudget>) {
     let corpus = corpus();
     assert_counting();
 
     // Made before measuring, as the reader's are before its loop: the
     // registry, the flow table, and the path's self-metric handles (which
     // registering allocates), through the real recorder.
-    let registry = Registry::new(ShardSet::new(1, SummaryWindow::from_minutes(10)));
     let services = ServiceFilter::new(vec!["10.96.0.0/16".parse().unwrap()], vec![]);
-    let tracker = FlowTracker::new(services, 4096);
+    let mut tracker = FlowTracker::new(services, 4096);
+    if let Some(budget) = budget {
+        tracker = tracker.with_services(budget);
+    }
+    let window = SummaryWindow::from_minutes(10);
+    let registry = Registry::new(ShardSet::with_blocks(1, window, tracker.blocks()));
+    if budget.is_some() {
+        label_overflow_blocks(registry.shards());
+    }
     let mut path = metrics::with_local_recorder(&registry.recorder(), || {
         EventPath::new(0, registry.shards().writer(0).unwrap(), tracker, false)
     });
@@ -109,6 +132,7 @@ fn the_readers_event_path_allocates_nothing() {
                 path.datagram(black_box(d), false, received_ns).unwrap();
             }
             path.end_batch().unwrap();
+            path.drained();
             batches += 1;
             datagrams += batch.len() as u64;
         }
@@ -146,6 +170,17 @@ fn the_readers_event_path_allocates_nothing() {
         snap.count(Series::SeenReplyLatency)
     );
     assert!(snap.count(Series::Duration) > 0, "flows were closed");
+    if budget.is_some() {
+        let services = snap
+            .blocks()
+            .iter()
+            .filter(|b| b.labels() != BlockLabels::Key(OVERFLOW));
+        assert!(services.count() >= 1, "Services got blocks");
+        assert!(
+            snap.counter(Counter::ServiceBudgetOverflow) > 0,
+            "and some overflowed"
+        );
+    }
     // Its self-metric handle is the registry's.
     let mut counted = None;
     registry.self_metrics().for_each(|family| {

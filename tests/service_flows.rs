@@ -94,8 +94,7 @@ fn every_service_flow_is_measured_exactly_once_and_other_flows_not_at_all() {
         "done"
     );
     // TIME_WAIT is 1 s here; then a flush ends whatever is left at once.
-    std::thread::sleep(Duration::from_millis(1500));
-    vn.exec(&vn.node, &["conntrack", "-F"]);
+    vn.end_flows();
 
     let tcp = nft_counter(&vn, "tcp_flows");
     let udp = nft_counter(&vn, "udp_flows");
@@ -308,8 +307,7 @@ fn lost_events_never_give_a_flow_a_latency_from_a_later_event() {
     assert_eq!(flows, 700.0);
     // Closed flows wait in TIME_WAIT (1 s here) for the garbage collector,
     // which may take long on an idle table: remove them all at once.
-    std::thread::sleep(Duration::from_millis(1500));
-    vn.exec(&vn.node, &["conntrack", "-F"]);
+    vn.end_flows();
 
     let n = |s: &str| format!("{P}{s}{{node=\"n1\"}}");
     let bucket = |s: &str, le: &str| format!("{P}{s}_bucket{{node=\"n1\",le=\"{le}\"}}");
@@ -372,8 +370,7 @@ fn events_dropped_unreported_while_congested_never_give_a_latency() {
         assert_eq!(out.trim(), "done");
     }
     assert_eq!(nft_counter(&vn, "tcp_flows"), 900.0);
-    std::thread::sleep(Duration::from_millis(1500));
-    vn.exec(&vn.node, &["conntrack", "-F"]);
+    vn.end_flows();
     std::thread::sleep(Duration::from_secs(1));
 
     let n = |s: &str| format!("{P}{s}{{node=\"n1\"}}");
@@ -437,8 +434,7 @@ fn without_event_stamps_receive_times_measure_every_flow() {
         &["python3", "-c", &udp_client(200, "10.96.1.1", 81, 13_000)],
     );
     assert_eq!(udp.trim(), "done");
-    std::thread::sleep(Duration::from_millis(1500));
-    vn.exec(&vn.node, &["conntrack", "-F"]);
+    vn.end_flows();
 
     let tcp = nft_counter(&vn, "tcp_flows");
     let udp = nft_counter(&vn, "udp_flows");

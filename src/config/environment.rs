@@ -152,6 +152,10 @@ mod tests {
             no_sysctl: true,
             legacy_names: false,
             table_dump_seconds: 300,
+            service_labels: false,
+            max_services: 200,
+            service_idle_minutes: 15,
+            service_names: false,
         };
         assert_eq!(from_env.unwrap(), env_config);
         assert_eq!(

@@ -191,6 +191,43 @@ pub(super) struct Flags {
           default_value_t = DEFAULT_TABLE_DUMP_SECONDS,
           value_parser = clap::value_parser!(u32).range(0..=86_400))]
     pub(super) table_dump_seconds: u32,
+
+    /// Label every conntrack_monitoring_service_* histogram with the flow's
+    /// Service: `service_ip`, `service_port` and `protocol` (tcp, udp,
+    /// sctp), from its original destination, and with `--service-names`
+    /// also `namespace` and `service`. Off by default, so existing series
+    /// stay as they are; the node's figures are one `sum without (...)`
+    /// away.
+    #[arg(long, env = "CONNTRACK_METRICS_SERVICE_LABELS", value_name = "BOOL",
+          action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub(super) service_labels: bool,
+
+    /// With --service-labels: Services with series of their own (1 to
+    /// 100000), the first seen; flows to any other Service are counted in
+    /// one overflow series (`service_ip="other"`) and in
+    /// flows_over_service_budget_total, so totals stay exact and the series
+    /// count is bounded.
+    #[arg(long, value_name = "N", env = "CONNTRACK_METRICS_MAX_SERVICES",
+          default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|v| v as usize))]
+    pub(super) max_services: usize,
+
+    /// With --service-labels: minutes without a flow ending after which a
+    /// Service gives its slot back and its series leave /metrics (1 to
+    /// 10080).
+    #[arg(long, value_name = "MINUTES", env = "CONNTRACK_METRICS_SERVICE_IDLE_MINUTES",
+          default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=10_080))]
+    pub(super) service_idle_minutes: u32,
+
+    /// With --service-labels: where `namespace` and `service` labels come
+    /// from. `auto` reads the rules kube-proxy programs on the node
+    /// (nftables map service-ips, or iptables KUBE-SERVICES comments) at
+    /// start and every 30 s; `off` writes no names.
+    #[arg(long, value_name = "auto|off", env = "CONNTRACK_METRICS_SERVICE_NAMES",
+          default_value = "auto", value_parser = ["auto", "off"])]
+    pub(super) service_names: String,
 }
 
 /// `--svc-subnet` / `--exclude-subnet` values: the subnet parser's reason
@@ -238,6 +275,11 @@ mod tests {
             "--drain-delay-us=0",
             "--table-dump-seconds",
             "0",
+            "--service-labels",
+            "--max-services=3",
+            "--service-idle-minutes",
+            "60",
+            "--service-names=off",
         ])
         .unwrap();
         assert_eq!(
@@ -261,6 +303,10 @@ mod tests {
                 no_sysctl: true,
                 legacy_names: true,
                 table_dump_seconds: 0,
+                service_labels: true,
+                max_services: 3,
+                service_idle_minutes: 60,
+                service_names: false,
             }
         );
     }
@@ -324,6 +370,13 @@ mod tests {
             ),
             (&["--readers", "0"], "--readers", "1..=64"),
             (&["--readers=65"], "--readers", "1..=64"),
+            (&["--max-services=0"], "--max-services", "1..=100000"),
+            (
+                &["--service-idle-minutes=0"],
+                "--service-idle-minutes",
+                "1..=10080",
+            ),
+            (&["--service-names=maybe"], "--service-names", "auto"),
             (
                 &["--table-dump-seconds=86401"],
                 "--table-dump-seconds",

@@ -105,6 +105,16 @@ pub struct Config {
     /// `--table-dump-seconds`: seconds between dumps of the kernel's
     /// conntrack table, 0 to 86,400; 0 never dumps.
     pub table_dump_seconds: u32,
+    /// `--service-labels`: Service labels on the Service families.
+    pub service_labels: bool,
+    /// `--max-services`: Services with series of their own, 1 to 100,000.
+    pub max_services: usize,
+    /// `--service-idle-minutes`: minutes without a flow ending after which
+    /// a Service's series leave, 1 to 10,080.
+    pub service_idle_minutes: u32,
+    /// `--service-names auto`: read names from kube-proxy's rules (only
+    /// with `service_labels`).
+    pub service_names: bool,
 }
 
 impl Config {
@@ -193,6 +203,10 @@ impl Config {
             no_sysctl,
             legacy_names,
             table_dump_seconds,
+            service_labels,
+            max_services,
+            service_idle_minutes,
+            service_names,
         } = flags;
         Ok(Config {
             svc_subnets,
@@ -213,6 +227,10 @@ impl Config {
             no_sysctl,
             legacy_names,
             table_dump_seconds,
+            service_labels,
+            max_services,
+            service_idle_minutes,
+            service_names: service_labels && service_names == "auto",
         })
     }
 }
@@ -263,6 +281,10 @@ mod tests {
             no_sysctl: false,
             legacy_names: false,
             table_dump_seconds: 300,
+            service_labels: false,
+            max_services: 200,
+            service_idle_minutes: 15,
+            service_names: false,
         }
     }
 

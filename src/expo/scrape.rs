@@ -342,6 +342,13 @@ impl Exposition {
             &[(Counter::LostDestroys, None)],
             out,
         );
+        self.counter_family(
+            format,
+            "flows_over_service_budget",
+            "Service flows counted in the overflow series (service_ip=\"other\") because --max-services Services already had series of their own (--service-labels)",
+            &[(Counter::ServiceBudgetOverflow, None)],
+            out,
+        );
         if self.options.legacy_names && format == Format::Prometheus {
             self.legacy_counters(out);
         }

@@ -8,12 +8,14 @@
 
 pub mod live;
 pub mod recent;
+pub mod services;
 pub mod share;
 pub mod subnet;
 pub mod table;
 pub mod tracker;
 
 pub use live::LiveFlows;
+pub use services::{ServiceBudget, ServiceKey, ServiceSlots};
 pub use share::{BadShare, ReaderShare};
 pub use subnet::Subnet;
 pub use tracker::{tracker_may_use, FlowTracker, KernelFiltered, ServiceFilter};

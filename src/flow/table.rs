@@ -291,23 +291,45 @@ impl FlowTable {
         ((end < self.entries.len()).then_some(end), removed)
     }
 
-    /// Backward-shift deletion: later members of the probe run move into the
-    /// hole so every remaining id stays reachable from its home cell.
-    fn unindex(&mut self, mut hole: usize) {
-        self.index[hole] = EMPTY;
-        let mut i = (hole + 1) & self.mask;
-        while self.index[i].entry != NIL {
-            let home = hash(self.index[i].key) & self.mask;
-            // Move it unless its home lies cyclically in (hole, i].
-            let dist_home = i.wrapping_sub(home) & self.mask;
-            let dist_hole = i.wrapping_sub(hole) & self.mask;
-            if dist_home >= dist_hole {
-                self.index[hole] = self.index[i];
-                self.index[i] = EMPTY;
-                hole = i;
-            }
-            i = (i + 1) & self.mask;
+    fn unindex(&mut self, hole: usize) {
+        let mask = self.mask;
+        backward_shift_delete(
+            &mut self.index,
+            hole,
+            EMPTY,
+            |c| c.entry == NIL,
+            |c| hash(c.key) & mask,
+        );
+    }
+}
+
+/// Backward-shift deletion from an open-addressing index with linear
+/// probing (power-of-two size): empties cell `hole` and moves later members
+/// of its probe run into the hole, so every remaining member stays
+/// reachable from its home cell, and no tombstone is left. `home` gives a
+/// member's home cell.
+#[inline]
+pub(super) fn backward_shift_delete<T: Copy>(
+    index: &mut [T],
+    mut hole: usize,
+    empty: T,
+    is_empty: impl Fn(&T) -> bool,
+    home: impl Fn(&T) -> usize,
+) {
+    let mask = index.len() - 1;
+    index[hole] = empty;
+    let mut i = (hole + 1) & mask;
+    while !is_empty(&index[i]) {
+        let home = home(&index[i]);
+        // Move it unless its home lies cyclically in (hole, i].
+        let dist_home = i.wrapping_sub(home) & mask;
+        let dist_hole = i.wrapping_sub(hole) & mask;
+        if dist_home >= dist_hole {
+            index[hole] = index[i];
+            index[i] = empty;
+            hole = i;
         }
+        i = (i + 1) & mask;
     }
 }
 

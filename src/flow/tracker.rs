@@ -49,13 +49,14 @@
 //! wrongly.) DESTROY-only observations (duration, bytes, packets) carry
 //! their own data and are always taken.
 
-use crate::stats::{Counter, Series, ShardWriter};
+use crate::stats::{BlockId, Counter, Series, ShardWriter};
 use crate::wire::{Counters, CtEvent, EventKind, Status, TcpState};
 
 use std::net::IpAddr;
 
 use super::live::LiveFlows;
 use super::recent::RecentDestroys;
+use super::services::{ServiceBudget, ServiceKey, ServiceSlots};
 use super::table::{FlowKey, FlowState, FlowTable, Inserted};
 use super::{ReaderShare, Subnet};
 
@@ -187,6 +188,8 @@ pub struct FlowTracker {
     /// Between an overrun's report and the reader finding its socket
     /// drained: the kernel may be dropping events without a report.
     congested: bool,
+    /// With `--service-labels`: the block of each Service.
+    services: Option<ServiceSlots>,
 }
 
 /// An event that touches the table, queued: what its step needs.
@@ -199,7 +202,7 @@ struct Step {
 }
 
 /// What a DESTROY carries for its observations.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct Ended {
     /// The kernel's start and stop stamps, when it gave both.
     span: Option<(u64, u64)>,
@@ -208,12 +211,15 @@ struct Ended {
     tcp: bool,
     /// Ended by its DESTROY alone, in TCP state CLOSE (a reset).
     reset: bool,
+    /// The block its observations go to: its Service's, or the node's.
+    block: BlockId,
 }
 
 impl Ended {
     #[inline]
-    fn of(ev: &CtEvent) -> Ended {
+    fn of(ev: &CtEvent, block: BlockId) -> Ended {
         Ended {
+            block,
             span: ev.timestamp.and_then(|t| Some((t.start?, t.stop?))),
             to: ev.counters_orig.unwrap_or_default(),
             from: ev.counters_reply.unwrap_or_default(),
@@ -258,7 +264,22 @@ impl FlowTracker {
             queue: Vec::with_capacity(QUEUE_DEPTH),
             recent_destroys: RecentDestroys::new(RECENT_DESTROYS),
             congested: false,
+            services: None,
         }
+    }
+
+    /// The same tracker, recording each Service's flows in a block of its
+    /// own (`--service-labels`) within `budget`. The shard it writes needs
+    /// [`ServiceSlots::blocks`] blocks, block 0 labelled as the overflow
+    /// ([`label_overflow_blocks`](super::services::label_overflow_blocks)).
+    pub fn with_services(mut self, budget: ServiceBudget) -> FlowTracker {
+        self.services = Some(ServiceSlots::new(budget));
+        self
+    }
+
+    /// Blocks the shard this tracker writes needs.
+    pub fn blocks(&self) -> usize {
+        self.services.as_ref().map_or(1, ServiceSlots::blocks)
     }
 
     /// Flows being tracked.
@@ -296,6 +317,9 @@ impl FlowTracker {
     /// here too, and flows enter the table as whole again.
     #[inline]
     pub fn drained(&mut self, at_ns: u64, shard: &mut ShardWriter<'_>) {
+        if let Some(services) = self.services.as_mut() {
+            services.expire_idle(at_ns, shard);
+        }
         if self.congested {
             self.flush(shard);
             self.loss_horizon_ns = self.loss_horizon_ns.max(at_ns);
@@ -397,15 +421,16 @@ impl FlowTracker {
                     shard.count(Counter::DuplicateDestroys, 1);
                     return;
                 }
+                let end = Ended::of(ev, self.service_block(ev, moment.at, shard));
                 // SEEN_REPLY never clears: a DESTROY without it ends a flow
                 // that was never answered, so never in the table.
                 if ev.status.is_some_and(|s| !s.has(Status::SEEN_REPLY)) {
-                    observe_destroy(&Ended::of(ev), &FlowState::default(), shard);
+                    observe_destroy(&end, &FlowState::default(), shard);
                 } else {
                     self.queue(Step {
                         key,
                         moment,
-                        end: Some(Ended::of(ev)),
+                        end: Some(end),
                     });
                 }
             }
@@ -413,6 +438,28 @@ impl FlowTracker {
         if self.queue.len() == QUEUE_DEPTH {
             self.flush(shard);
         }
+    }
+
+    /// The block a Service flow that ended at `at` is recorded in: the
+    /// node's without Service labels; else its Service's, or the overflow
+    /// (counted) when every slot is taken.
+    #[inline]
+    fn service_block(&mut self, ev: &CtEvent, at: u64, shard: &mut ShardWriter<'_>) -> BlockId {
+        let Some(services) = self.services.as_mut() else {
+            return BlockId::NODE;
+        };
+        let orig = ev.orig.unwrap_or_default();
+        let key = ServiceKey {
+            addr: orig
+                .dst
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            port: orig.dst_port.unwrap_or(0),
+            proto: orig.proto.unwrap_or(0),
+        };
+        services.block_for(key, at, shard).unwrap_or_else(|| {
+            shard.count(Counter::ServiceBudgetOverflow, 1);
+            BlockId::NODE
+        })
     }
 
     /// Queues a table step, with a hint for its index cell.
@@ -576,7 +623,7 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
         return;
     };
     match stop.checked_sub(start) {
-        Some(d) => shard.observe(Series::Duration, d / 1_000),
+        Some(d) => shard.observe_in(end.block, Series::Duration, d / 1_000),
         None => shard.count(Counter::EventsOrderErrors, 1),
     }
     // One call per series, each a constant: the bucket search is then
@@ -584,30 +631,30 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
     // search in memory, a third of this function's time in the UDP storm).
     let (to, from) = (end.to, end.from);
     if let Some(v) = to.bytes {
-        shard.observe(Series::BytesToService, v);
+        shard.observe_in(end.block, Series::BytesToService, v);
     }
     if let Some(v) = to.packets {
-        shard.observe(Series::PacketsToService, v);
+        shard.observe_in(end.block, Series::PacketsToService, v);
     }
     if let Some(v) = from.bytes {
-        shard.observe(Series::BytesFromService, v);
+        shard.observe_in(end.block, Series::BytesFromService, v);
     }
     if let Some(v) = from.packets {
-        shard.observe(Series::PacketsFromService, v);
+        shard.observe_in(end.block, Series::PacketsFromService, v);
     }
     let whole = start > flow.loss_horizon_ns;
     // An entry is inserted at its flow's seen-reply moment, so no overrun
     // can come between the two: that moment counts when the flow is whole.
     if let (Some(at), true) = (flow.seen_reply_ns, whole) {
         match at.checked_sub(start) {
-            Some(l) => shard.observe(Series::SeenReplyLatency, l),
+            Some(l) => shard.observe_in(end.block, Series::SeenReplyLatency, l),
             None => shard.count(Counter::EventsOrderErrors, 1),
         }
     }
     if let (Some(at), true, true, true) = (flow.fin_ns, flow.fin_complete, end.tcp, whole) {
         match at.checked_sub(start) {
             Some(l) => {
-                shard.observe(Series::FinLatency, l);
+                shard.observe_in(end.block, Series::FinLatency, l);
                 if l > 0 {
                     for (bytes, series) in [
                         (to.bytes, Series::FinThroughputToService),
@@ -616,7 +663,11 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
                         if let Some(b) = bytes {
                             // Thousandths of a byte per second: b * 1e3 / (l / 1e9).
                             let milli = u128::from(b) * 1_000_000_000_000 / u128::from(l);
-                            shard.observe(series, u64::try_from(milli).unwrap_or(u64::MAX));
+                            shard.observe_in(
+                                end.block,
+                                series,
+                                u64::try_from(milli).unwrap_or(u64::MAX),
+                            );
                         }
                     }
                 }

@@ -137,6 +137,10 @@ pub struct ReaderOptions {
     pub drain_delay: Duration,
     /// `--print-events`: every event to stdout.
     pub print_events: bool,
+    /// Wake at least this often, even without events (`None`: only for
+    /// events): with `--service-labels`, idle Services' series must leave
+    /// on a quiet node too.
+    pub tick: Option<Duration>,
 }
 
 /// Overruns since the last log line, and when that was.
@@ -171,6 +175,7 @@ pub struct Reader<'a> {
     batch: RecvBatch,
     path: EventPath<'a>,
     drain_delay: Duration,
+    tick: Option<Duration>,
     overruns: OverrunLog,
     /// Where the table census leaves the flows a dump found.
     live_flows: Option<Receiver<Arc<LiveFlows>>>,
@@ -202,6 +207,7 @@ impl<'a> Reader<'a> {
             batch: RecvBatch::new(options.batch, SLOT_BYTES),
             path,
             drain_delay: options.drain_delay,
+            tick: options.tick,
             overruns: OverrunLog::default(),
             live_flows,
             reconciling: None,
@@ -291,7 +297,7 @@ impl<'a> Reader<'a> {
             if stop.load(Ordering::Acquire) {
                 return Ok(false);
             }
-            match self.poll.poll(&mut self.events, None) {
+            match self.poll.poll(&mut self.events, self.tick) {
                 Ok(()) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),

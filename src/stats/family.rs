@@ -366,11 +366,14 @@ pub enum Counter {
     /// Flows dropped from a flow table because a dump of the kernel's table
     /// no longer had them: their DESTROY was lost.
     LostDestroys,
+    /// Service flows counted in the overflow series: `--max-services`
+    /// Services already had series of their own.
+    ServiceBudgetOverflow,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::EventsNew,
         Counter::EventsUpdate,
         Counter::EventsDestroy,
@@ -382,6 +385,7 @@ impl Counter {
         Counter::KernelFilterMisses,
         Counter::DuplicateDestroys,
         Counter::LostDestroys,
+        Counter::ServiceBudgetOverflow,
     ];
 
     /// Slot of the counter among the shard's own slots.

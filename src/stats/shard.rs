@@ -399,6 +399,12 @@ impl ShardWriter<'_> {
         }
     }
 
+    /// Block `index` of this writer's set, if it has that many.
+    #[inline]
+    pub fn block(&self, index: usize) -> Option<BlockId> {
+        self.set.block(index)
+    }
+
     /// Adds `n` to a counter.
     #[inline]
     pub fn count(&mut self, counter: Counter, n: u64) {

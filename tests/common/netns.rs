@@ -211,6 +211,14 @@ impl VirtualNode {
         }
     }
 
+    /// Ends the node's flows: waits out TIME_WAIT (1 s with
+    /// [`Self::short_timeouts`]), then flushes the conntrack table, so every
+    /// flow left gets its DESTROY now.
+    pub fn end_flows(&self) {
+        std::thread::sleep(Duration::from_millis(1500));
+        self.exec(&self.node, &["conntrack", "-F"]);
+    }
+
     /// Loads an nftables ruleset (nft -f syntax) into the node namespace.
     pub fn nft(&self, ruleset: &str) {
         let mut child = Command::new("ip")

@@ -1,0 +1,246 @@
+//! Per-Service series (`--service-labels`) against the real kernel: three
+//! Services (two TCP ClusterIPs, one UDP) each counted exactly against the
+//! nft counter of its DNAT rule; with a budget of one Service the totals
+//! stay exact, the overflow is counted and the series stay bounded; an idle
+//! Service's series leave. Needs root and `ab`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::exporter::{get, promtool_check, start_with_env};
+use common::netns::{kernel_tests_possible, VirtualNode};
+use common::traffic::{nft_counter, start_backend, udp_client, HTTP_BACKEND, UDP_BACKEND};
+
+const RULESET: &str = r#"
+table inet ctm_test {
+    counter web {}
+    counter api {}
+    counter dns {}
+    chain prerouting {
+        type nat hook prerouting priority dstnat;
+        ip daddr 10.96.1.1 tcp dport 80 counter name web dnat ip to 10.200.2.2:8080
+        ip daddr 10.96.1.2 tcp dport 8443 counter name api dnat ip to 10.200.2.2:8080
+        ip daddr 10.96.0.53 udp dport 53 counter name dns dnat ip to 10.200.3.2:5353
+    }
+    chain raw_pre { type filter hook prerouting priority raw; iif lo notrack; }
+    chain raw_out { type filter hook output priority raw; oif lo notrack; }
+}
+"#;
+
+/// The Services: nft counter, ClusterIP, port, protocol.
+const SERVICES: [(&str, &str, &str, &str); 3] = [
+    ("web", "10.96.1.1", "80", "tcp"),
+    ("api", "10.96.1.2", "8443", "tcp"),
+    ("dns", "10.96.0.53", "53", "udp"),
+];
+
+/// Every sample of `name` whose labels include `want`, with all its labels.
+fn samples(text: &str, name: &str, want: &[(&str, &str)]) -> Vec<(BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let mut map = BTreeMap::new();
+        for pair in labels.split("\",") {
+            let (k, v) = pair.split_once("=\"").expect("label");
+            map.insert(k.to_string(), v.trim_end_matches('"').to_string());
+        }
+        if want
+            .iter()
+            .all(|(k, v)| map.get(*k).map(String::as_str) == Some(*v))
+        {
+            out.push((map, value.parse().unwrap()));
+        }
+    }
+    out
+}
+
+fn total(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    samples(text, name, want).iter().map(|(_, v)| v).sum()
+}
+
+const DURATION: &str = "conntrack_monitoring_service_duration_seconds_count";
+const SEEN_REPLY: &str = "conntrack_monitoring_service_seen_reply_latency_seconds_count";
+const OVER_BUDGET: &str = "conntrack_monitoring_flows_over_service_budget_total";
+
+/// A virtual node with the three Services and the exporter on `port` with
+/// `args` and `env`; traffic sent to each Service; returns the node and
+/// the flows each DNAT rule counted.
+fn node_with_traffic(port: u16, args: &[&str], env: &[&str]) -> (VirtualNode, [f64; 3]) {
+    let mut vn = VirtualNode::new();
+    vn.short_timeouts();
+    vn.nft(RULESET);
+    let (b1, b2) = (vn.backend.clone(), vn.backend2.clone());
+    start_backend(&mut vn, &b1, HTTP_BACKEND);
+    start_backend(&mut vn, &b2, UDP_BACKEND);
+    start_with_env(&mut vn, port, env, args);
+    let client = vn.client.clone();
+    for url in ["http://10.96.1.1:80/", "http://10.96.1.2:8443/"] {
+        vn.exec(&client, &["ab", "-q", "-n", "400", "-c", "20", url]);
+    }
+    let out = vn.exec(
+        &client,
+        &["python3", "-c", &udp_client(150, "10.96.0.53", 53, 20_000)],
+    );
+    assert_eq!(out.trim(), "done");
+    vn.end_flows();
+    let counted = SERVICES.map(|(counter, ..)| nft_counter(&vn, "inet ctm_test", counter));
+    (vn, counted)
+}
+
+/// Scrapes until every flow is counted (the DESTROYs come a little after
+/// the flush), or panics.
+fn scrape_all(vn: &VirtualNode, port: u16, flows: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = get(vn, port, "/metrics", None);
+        let counted = total(&text, DURATION, &[]);
+        if counted >= flows {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{counted} of {flows} flows counted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn each_service_is_counted_exactly_in_its_own_series() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    const PORT: u16 = 9120;
+    let (vn, counted) = node_with_traffic(PORT, &["--service-labels", "--service-names=off"], &[]);
+    assert!(
+        counted[0] >= 400.0 && counted[1] >= 400.0 && counted[2] == 150.0,
+        "{counted:?}"
+    );
+    let text = scrape_all(&vn, PORT, counted.iter().sum());
+    for ((_, ip, port, proto), flows) in SERVICES.iter().zip(counted) {
+        let labels = [
+            ("service_ip", *ip),
+            ("service_port", *port),
+            ("protocol", *proto),
+        ];
+        assert_eq!(
+            total(&text, DURATION, &labels),
+            flows,
+            "{ip}:{port}/{proto}"
+        );
+        assert_eq!(
+            total(&text, SEEN_REPLY, &labels),
+            flows,
+            "{ip}:{port}/{proto}"
+        );
+    }
+    // Every Service series carries the labels; the overflow is there, empty.
+    for (labels, _) in samples(&text, DURATION, &[]) {
+        assert!(
+            labels.contains_key("service_ip") && labels.contains_key("protocol"),
+            "{labels:?}"
+        );
+    }
+    assert_eq!(total(&text, DURATION, &[("service_ip", "other")]), 0.0);
+    assert_eq!(total(&text, OVER_BUDGET, &[]), 0.0);
+    promtool_check(&text);
+}
+
+#[test]
+fn over_the_budget_totals_stay_exact_and_series_bounded() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    const PORT: u16 = 9121;
+    let (vn, counted) = node_with_traffic(
+        PORT,
+        &[
+            "--service-labels",
+            "--service-names=off",
+            "--max-services=1",
+        ],
+        &[],
+    );
+    let flows: f64 = counted.iter().sum();
+    let text = scrape_all(&vn, PORT, flows);
+    let series: Vec<_> = samples(&text, DURATION, &[]);
+    let ips: Vec<&str> = series
+        .iter()
+        .map(|(l, _)| l["service_ip"].as_str())
+        .collect();
+    assert_eq!(ips.len(), 2, "one Service and the overflow: {ips:?}");
+    assert!(ips.contains(&"other"), "{ips:?}");
+    assert_eq!(total(&text, DURATION, &[]), flows, "totals exact");
+    // The Service that got the slot is counted exactly; the others in the
+    // overflow, and in the counter.
+    let (owner, _) = series
+        .iter()
+        .find(|(l, _)| l["service_ip"] != "other")
+        .unwrap();
+    let i = SERVICES
+        .iter()
+        .position(|s| s.1 == owner["service_ip"])
+        .unwrap();
+    let own = total(&text, DURATION, &[("service_ip", SERVICES[i].1)]);
+    assert_eq!(own, counted[i]);
+    assert_eq!(
+        total(&text, DURATION, &[("service_ip", "other")]),
+        flows - own
+    );
+    assert_eq!(total(&text, OVER_BUDGET, &[]), flows - own);
+}
+
+#[test]
+fn an_idle_service_gives_its_series_back() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    const PORT: u16 = 9122;
+    // A test build takes the idle time in seconds from the environment.
+    let (vn, counted) = node_with_traffic(
+        PORT,
+        &["--service-labels", "--service-names=off"],
+        &["CONNTRACK_METRICS_TEST_SERVICE_IDLE_SECONDS=3"],
+    );
+    let text = scrape_all(&vn, PORT, counted.iter().sum());
+    assert_eq!(
+        total(&text, DURATION, &[("service_ip", "10.96.1.1")]),
+        counted[0]
+    );
+    // No flow ends for 3 s: every Service's series leave, the overflow's stay.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, text) = get(&vn, PORT, "/metrics", None);
+        let left: Vec<_> = samples(&text, DURATION, &[]);
+        if left.len() == 1 {
+            assert_eq!(left[0].0["service_ip"], "other");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still there: {left:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A new flow brings its Service back, counted from zero.
+    let client = vn.client.clone();
+    let out = vn.exec(
+        &client,
+        &["python3", "-c", &udp_client(5, "10.96.0.53", 53, 21_000)],
+    );
+    assert_eq!(out.trim(), "done");
+    vn.end_flows();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, text) = get(&vn, PORT, "/metrics", None);
+        if total(&text, DURATION, &[("service_ip", "10.96.0.53")]) == 5.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the Service did not come back");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
