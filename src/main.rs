@@ -157,35 +157,37 @@ fn conntrack_sysctls(config: &Config) -> io::Result<()> {
     }
 }
 
-/// With `--event-mask`, the nftables table (flows created from here on
-/// carry it); without, a table an earlier, killed run left is removed.
+/// The legacy `--event-mask` table of earlier versions removed; with
+/// `--event-mask`, this instance's own table set (flows created from here
+/// on carry its mask).
 fn event_mask(config: &Config) -> io::Result<Option<EventMask>> {
-    if config.event_mask {
-        let mask = EventMask::install(&config.svc_subnets, &config.exclude_subnets)
-            .map_err(io::Error::other)?;
-        log!(
-            "--event-mask: table {} set: the kernel builds no events for flows outside \
-             the service subnets (for ANY listener on this node)",
-            event_mask::TABLE
-        );
-        return Ok(Some(mask));
-    }
-    match event_mask::remove_stale() {
+    match event_mask::remove_legacy() {
         Ok(true) => log!(
-            "removed table {} left by an earlier run (no --event-mask now)",
-            event_mask::TABLE
+            "removed table {} of an earlier version",
+            event_mask::LEGACY_TABLE
         ),
         Ok(false) => {}
         Err(e) => log!("warning: {e}"),
     }
-    Ok(None)
+    if !config.event_mask {
+        return Ok(None);
+    }
+    let mask = EventMask::install(&config.svc_subnets, &config.exclude_subnets)
+        .map_err(io::Error::other)?;
+    log!(
+        "--event-mask: table {} set: the kernel builds no events for flows outside \
+         the service subnets (for ANY listener on this node)",
+        mask.table()
+    );
+    Ok(Some(mask))
 }
 
-/// Removes the `--event-mask` table, if one was set.
+/// Removes this instance's `--event-mask` table, if it set one.
 fn remove_event_mask(mask: Option<EventMask>) {
     if let Some(mask) = mask {
+        let table = mask.table().to_string();
         match mask.remove() {
-            Ok(()) => log!("--event-mask: table {} removed", event_mask::TABLE),
+            Ok(()) => log!("--event-mask: table {table} removed"),
             Err(e) => log!("warning: {e}"),
         }
     }

@@ -9,16 +9,18 @@
 //!   two readers, no drain delay) and their Service metrics are equal line
 //!   for line.
 //! - `--event-mask` makes the kernel build no event at all for flows not to
-//!   a Service (IPv4 and IPv6); the table is gone after the exporter exits,
-//!   and a table left by a killed exporter is removed at the next start.
+//!   a Service (IPv4 and IPv6). Each exporter owns its table: it is gone
+//!   after that exporter exits, also when killed, and a second exporter's
+//!   exit leaves the first one's table and mask; the legacy table of
+//!   earlier versions is removed at start.
 //!
 //! Needs root, `ab` (apache2-utils); see `tests/run.sh`.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::exporter::{get, scrape_until, start, start_with_pid, value};
+use common::exporter::{get, scrape_until, start, start_with_env, value, Started};
 use common::netns::{kernel_tests_possible, run, VirtualNode};
 use common::traffic::{nft_counter, start_backend, udp_client, DUAL_STACK_BACKEND, HTTP_BACKEND};
 
@@ -263,6 +265,35 @@ fn tables(vn: &VirtualNode) -> String {
     vn.exec(&vn.node, &["nft", "list", "tables"])
 }
 
+/// Whether `table` ("inet NAME") is in the node's ruleset.
+fn listed(vn: &VirtualNode, table: &str) -> bool {
+    let want = format!("table {table}");
+    tables(vn).lines().any(|l| l.trim() == want)
+}
+
+/// The table the exporter says it set ("inet NAME").
+fn own_table(started: &Started) -> String {
+    let line = started
+        .startup
+        .iter()
+        .find(|l| l.contains("--event-mask: table "))
+        .unwrap_or_else(|| panic!("no table in {:?}", started.startup));
+    let rest = &line[line.find("table ").unwrap() + "table ".len()..];
+    rest.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_end_matches(':')
+        .to_string()
+}
+
+/// Stops the exporter `pid` with SIGTERM; it must exit 0 within 3 s.
+fn stop(vn: &mut VirtualNode, pid: u32) {
+    run(&["kill", "-TERM", &pid.to_string()]);
+    let status = vn.wait_child(pid, Duration::from_secs(3)).expect("exited");
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn the_event_mask_stops_events_of_other_flows_and_goes_away_with_the_exporter() {
     if !kernel_tests_possible() {
@@ -286,10 +317,11 @@ fn the_event_mask_stops_events_of_other_flows_and_goes_away_with_the_exporter() 
 
     // With the mask: the kernel builds events for the Service flows only.
     let mut vn = node();
-    let (pid, _) = start_with_pid(&mut vn, 9122, &[&args[..], &["--event-mask"]].concat());
+    let masked = start_with_env(&mut vn, 9122, &[], &[&args[..], &["--event-mask"]].concat());
+    let table = own_table(&masked);
     assert!(
-        tables(&vn).contains("table inet conntrack_metrics"),
-        "{}",
+        table.starts_with("inet conntrack_metrics_") && listed(&vn, &table),
+        "{table}: {}",
         tables(&vn)
     );
     let flows = drive(&vn);
@@ -310,42 +342,133 @@ fn the_event_mask_stops_events_of_other_flows_and_goes_away_with_the_exporter() 
     // Fewer UPDATEs too: only REPLY and PROTOINFO changes are built.
     assert!(events(&text, "update") < events(&text_plain, "update"));
 
-    // SIGTERM: the exporter removes its table.
-    run(&["kill", "-TERM", &pid.to_string()]);
-    let status = vn.wait_child(pid, Duration::from_secs(3)).expect("exited");
-    assert!(status.success(), "{status:?}");
+    // SIGTERM: the exporter's table goes with it.
+    stop(&mut vn, masked.pid);
     assert!(
         !tables(&vn).contains("conntrack_metrics"),
         "{}",
+        tables(&vn)
+    );
+}
+
+#[test]
+fn a_second_exporter_leaves_the_first_ones_table_and_mask_when_it_stops() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    // Both mask and see every event the kernel builds (no socket filter):
+    // what reaches the first shows what its table still masks.
+    let mut vn = node();
+    let args = [
+        "--svc-subnet",
+        SERVICES,
+        "--no-socket-filter",
+        "--event-mask",
+    ];
+    let first = start_with_env(&mut vn, 9131, &[], &args);
+    let second = start_with_env(&mut vn, 9132, &[], &args);
+    let (table1, table2) = (own_table(&first), own_table(&second));
+    assert!(
+        listed(&vn, &table1) && listed(&vn, &table2),
+        "{table1}, {table2}: {}",
         tables(&vn)
     );
 
-    // Killed: the table stays (the kernel keeps masking); the next start
-    // without --event-mask removes it, with it replaces it.
-    let (pid, _) = start_with_pid(&mut vn, 9123, &["--event-mask"]);
-    run(&["kill", "-KILL", &pid.to_string()]);
-    vn.wait_child(pid, Duration::from_secs(3)).expect("killed");
-    assert!(tables(&vn).contains("conntrack_metrics"));
-    let (pid, _) = start_with_pid(&mut vn, 9124, &["--event-mask"]);
-    let listing = vn.exec(
-        &vn.node,
-        &["nft", "list", "table", "inet", "conntrack_metrics"],
-    );
-    assert_eq!(
-        listing.matches("chain prerouting").count(),
-        1,
-        "replaced: {listing}"
-    );
-    run(&["kill", "-KILL", &pid.to_string()]);
-    vn.wait_child(pid, Duration::from_secs(3)).expect("killed");
-    let (pid, _) = start_with_pid(&mut vn, 9125, &[]);
+    // The second stops (a rolling update's old pod, a test run ending).
+    stop(&mut vn, second.pid);
     assert!(
-        !tables(&vn).contains("conntrack_metrics"),
-        "{}",
+        listed(&vn, &table1),
+        "the first exporter's table {table1} went with the second: {}",
         tables(&vn)
     );
-    run(&["kill", "-TERM", &pid.to_string()]);
-    assert!(vn
-        .wait_child(pid, Duration::from_secs(3))
-        .is_some_and(|s| s.success()));
+    // (So the two tables have different names.)
+    assert!(!listed(&vn, &table2), "{}", tables(&vn));
+
+    // One connection through the ClusterIP, one straight to the backend.
+    let client = vn.client.clone();
+    for url in ["http://10.96.1.1:80/", "http://10.200.2.2:8080/"] {
+        let body = vn.exec(&client, &["curl", "-s", "-m", "5", url]);
+        assert!(body.contains("hello"), "{url}: {body}");
+    }
+    vn.exec(&vn.node, &["conntrack", "-F"]);
+    let c = |name: &str| nft_counter(&vn, "inet ctm_test", name);
+    assert_eq!((c("svc_tcp"), c("direct")), (1.0, 1.0));
+    let count = n("service_duration_seconds_count");
+    scrape_until(&vn, 9131, &count, 1.0);
+    std::thread::sleep(Duration::from_millis(300));
+    let text = get(&vn, 9131, "/metrics", None).1;
+    // The Service flow is measured, and the direct one is still masked:
+    // the kernel built no event for it.
+    assert_eq!(value(&text, &count), 1.0);
+    assert_eq!(
+        value(&text, &n("service_TCP_FIN_latency_seconds_count")),
+        1.0
+    );
+    assert_eq!(events(&text, "new"), 1.0, "no NEW of the direct flow");
+    assert_eq!(
+        events(&text, "destroy"),
+        1.0,
+        "no DESTROY of the direct flow"
+    );
+    stop(&mut vn, first.pid);
+    assert!(!listed(&vn, &table1), "{}", tables(&vn));
+}
+
+#[test]
+fn a_killed_exporters_table_goes_with_it() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut vn = VirtualNode::new();
+    let started = start_with_env(&mut vn, 9141, &[], &["--event-mask"]);
+    let table = own_table(&started);
+    assert!(listed(&vn, &table), "{}", tables(&vn));
+    run(&["kill", "-KILL", &started.pid.to_string()]);
+    vn.wait_child(started.pid, Duration::from_secs(3))
+        .expect("killed");
+    // Its nft -i reads end of file and exits; the kernel then deletes the
+    // table it owned.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while listed(&vn, &table) {
+        assert!(
+            Instant::now() < deadline,
+            "{table} still there 2 s after its exporter was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_legacy_table_is_removed_at_start_with_or_without_the_flag() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    // As versions before table ownership left it when killed: no owner,
+    // masking every new flow.
+    const LEGACY: &str = "table inet conntrack_metrics {\n\
+        chain prerouting {\n\
+            type filter hook prerouting priority -150; policy accept;\n\
+            ct state new ct event set 0x0\n\
+        }\n\
+    }\n";
+    let mut vn = VirtualNode::new();
+    for (port, flags) in [(9151, &[][..]), (9152, &["--event-mask"][..])] {
+        vn.nft(LEGACY);
+        assert!(listed(&vn, "inet conntrack_metrics"));
+        let started = start_with_env(&mut vn, port, &[], flags);
+        assert!(
+            !listed(&vn, "inet conntrack_metrics"),
+            "{flags:?}: {}",
+            tables(&vn)
+        );
+        assert!(
+            started
+                .startup
+                .iter()
+                .any(|l| l.contains("removed table inet conntrack_metrics of an earlier version")),
+            "{flags:?}: {:?}",
+            started.startup
+        );
+        stop(&mut vn, started.pid);
+    }
 }
