@@ -18,6 +18,7 @@
 
 mod common;
 
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::exporter::{get, scrape_until, start, start_with_env, value, Started};
@@ -470,5 +471,67 @@ fn the_legacy_table_is_removed_at_start_with_or_without_the_flag() {
             started.startup
         );
         stop(&mut vn, started.pid);
+    }
+}
+
+/// `nft` as it answers on a kernel before 5.12 (no table ownership: an
+/// unknown table flag is EINVAL): `-i` reads the commands, refuses them and
+/// stays open as nft -i does; every other command finds nothing.
+const NFT_WITHOUT_OWNER: &str = r#"#!/bin/sh
+case "$1" in
+    -i) read -r line
+        echo "Error: Could not process rule: Invalid argument" >&2
+        echo "$line" >&2
+        exec cat > /dev/null ;;
+    *) exit 1 ;;
+esac
+"#;
+
+#[test]
+fn without_table_ownership_the_exporter_exits_1_naming_the_requirement() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("ctm-nft-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nft = dir.join("nft");
+    std::fs::write(&nft, NFT_WITHOUT_OWNER).unwrap();
+    std::fs::set_permissions(&nft, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "PATH={}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut vn = VirtualNode::new();
+    let node = vn.node.clone();
+    let argv = [
+        "env",
+        &path,
+        env!("CARGO_BIN_EXE_conntrack-metrics"),
+        "--node-name",
+        "n1",
+        "--metrics-bind-address",
+        "127.0.0.1:9161",
+        "--event-mask",
+    ];
+    let child = vn.spawn(&node, &argv, Stdio::null(), Stdio::piped());
+    let (pid, mut stderr) = (child.id(), child.stderr.take().unwrap());
+    // nft's refusal ends the wait at once, well before the 5 s limit.
+    let status = vn.wait_child(pid, Duration::from_secs(4));
+    let mut text = String::new();
+    if status.is_some() {
+        stderr.read_to_string(&mut text).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{text}");
+    for want in [
+        "nft could not create table inet conntrack_metrics_",
+        "Invalid argument",
+        "flags owner",
+        "Linux 5.12 or later",
+    ] {
+        assert!(text.contains(want), "{want:?} not in: {text}");
     }
 }

@@ -406,7 +406,7 @@ impl Owner {
         let _ = reader.join();
         let text = stderr
             .lock()
-            .map(|e| String::from_utf8_lossy(&e).trim().to_string())
+            .map(|e| nft_messages(&String::from_utf8_lossy(&e)))
             .unwrap_or_default();
         let text = if text.is_empty() {
             text
@@ -421,6 +421,21 @@ impl Owner {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.end()
+    }
+}
+
+/// nft's messages in `stderr` on one line: its `Error:` and `Warning:`
+/// lines, without the command it echoes and the carets under it (all
+/// non-blank lines if it wrote neither).
+fn nft_messages(stderr: &str) -> String {
+    let lines = || stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+    let messages: Vec<&str> = lines()
+        .filter(|l| l.starts_with("Error") || l.starts_with("Warning"))
+        .collect();
+    if messages.is_empty() {
+        lines().collect::<Vec<_>>().join(" / ")
+    } else {
+        messages.join(" / ")
     }
 }
 
@@ -560,6 +575,28 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want:?} not in {text}");
         }
+    }
+
+    #[test]
+    fn nft_errors_come_on_one_line_without_the_echoed_command() {
+        // nft 1.0.6 -i on Linux 6.18, given a rule for a chain that does not
+        // exist (stderr as written, abridged command line).
+        let stderr = "Error: Could not process rule: No such file or directory\n\
+                      add table inet t { flags owner; }; add rule inet t nochain ct state new\n\
+                      \x20                                                 ^^^^^^^\n";
+        assert_eq!(
+            nft_messages(stderr),
+            "Error: Could not process rule: No such file or directory"
+        );
+        assert_eq!(
+            nft_messages("Error: a\nline\nError: b\n"),
+            "Error: a / Error: b"
+        );
+        assert_eq!(
+            nft_messages("something else\n\n  went wrong\n"),
+            "something else / went wrong"
+        );
+        assert_eq!(nft_messages(""), "");
     }
 
     #[test]
