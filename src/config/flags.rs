@@ -105,14 +105,16 @@ pub(super) struct Flags {
           value_parser = BoolishValueParser::new())]
     pub(super) no_socket_filter: bool,
 
-    /// Install an nftables table (inet conntrack_metrics) that tells the
-    /// kernel not to build conntrack events for flows outside the service
-    /// subnets, and only the events the exporter uses for service flows.
-    /// Lightens the node (any event listener costs it 25-40 % of its peak
-    /// new-flow rate), but OTHER conntrack listeners on the node (conntrack
-    /// -E, conntrackd) then stop seeing those flows' events too. Needs the
-    /// nft binary. The table is replaced at start and removed at exit (and
-    /// at the next start without this flag, after a crash).
+    /// Install an nftables table (inet conntrack_metrics_<pid>_<start>) that
+    /// tells the kernel not to build conntrack events for flows outside the
+    /// service subnets, and only the events the exporter uses for service
+    /// flows. Lightens the node (any event listener costs it 25-40 % of its
+    /// peak new-flow rate), but OTHER conntrack listeners on the node
+    /// (conntrack -E, conntrackd) then stop seeing those flows' events too.
+    /// Needs the nft binary and Linux 5.12 or later: the table is this
+    /// exporter's own (nftables owner flag) and the kernel deletes it when
+    /// the exporter exits, also when it is killed. Every start removes the
+    /// table inet conntrack_metrics of earlier versions.
     #[arg(long, env = "CONNTRACK_METRICS_EVENT_MASK", value_name = "BOOL",
           action = ArgAction::Set, num_args = 0..=1, require_equals = true,
           default_value = "false", default_missing_value = "true",
