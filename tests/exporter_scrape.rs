@@ -197,6 +197,8 @@ const ADDED_SINCE: &[&str] = &[
     "conntrack_monitoring_table_dumps",
     "conntrack_monitoring_flows_over_service_budget",
     "conntrack_monitoring_http_connections_refused",
+    "conntrack_monitoring_service_names",
+    "conntrack_monitoring_service_name_errors",
 ];
 
 /// The families, their HELP and TYPE lines and every label set are those

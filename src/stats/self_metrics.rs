@@ -1,6 +1,7 @@
 //! The exporter's own metrics (receive buffer, flow tables, datagrams per
-//! reader, scrape duration, refused HTTP connections): the `metrics` facade's recorder, and the cells
-//! it writes that each scrape reads.
+//! reader, scrape duration, refused HTTP connections, Service names): the
+//! `metrics` facade's recorder, and the cells it writes that each scrape
+//! reads.
 //!
 //! Owns: the self-metric families ([`FAMILIES`]: names, kinds, help,
 //! buckets), [`SelfMetrics`] (their cells, one per label set), and
@@ -32,6 +33,12 @@ pub const TABLE_DUMPS: &str = "conntrack_monitoring_table_dumps_total";
 pub const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
 /// Connections the HTTP endpoint refused with 503 (counter, label `reason`).
 pub const HTTP_REFUSED: &str = "conntrack_monitoring_http_connections_refused_total";
+/// Services named from kube-proxy's rules at the last read (gauge, label
+/// `source`).
+pub const SERVICE_NAMES: &str = "conntrack_monitoring_service_names";
+/// Reads of kube-proxy's rules that failed, and rules skipped as
+/// unreadable (counter, labels `source`, `reason`).
+pub const SERVICE_NAME_ERRORS: &str = "conntrack_monitoring_service_name_errors_total";
 
 /// What a family's samples are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +66,7 @@ pub struct FamilyDef {
 }
 
 /// The self-metric families, in render order.
-pub const FAMILIES: [FamilyDef; 8] = [
+pub const FAMILIES: [FamilyDef; 10] = [
     FamilyDef {
         name: READER_DATAGRAMS,
         kind: Kind::Counter,
@@ -106,6 +113,18 @@ pub const FAMILIES: [FamilyDef; 8] = [
         name: HTTP_REFUSED,
         kind: Kind::Counter,
         help: "Connections the HTTP endpoint answered 503 and closed: too many from one address (peer cap) or all served connections busy (connection cap)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: SERVICE_NAMES,
+        kind: Kind::Gauge,
+        help: "Services (namespace and name) named by kube-proxy's rules on this node at the last read, by source (nftables, iptables)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: SERVICE_NAME_ERRORS,
+        kind: Kind::Counter,
+        help: "Problems reading Service names from kube-proxy's rules, by source (nftables, iptables) and reason (read failed: the command failed or timed out; malformed: a rule or map element skipped)",
         bounds: &[],
     },
 ];
