@@ -58,6 +58,7 @@ pub mod expo;
 pub mod flow;
 pub mod offload;
 pub mod reader;
+pub mod service_names;
 pub mod stats;
 pub mod sys;
 pub mod wire;

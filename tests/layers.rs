@@ -13,6 +13,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("sys", &[]),
     ("wire", &[]),
     ("stats", &[]),
+    ("service_names", &["stats"]),
     ("flow", &["wire", "stats", "sys"]),
     ("offload", &["wire", "flow", "sys"]),
     ("reader", &["sys", "wire", "flow", "stats"]),
