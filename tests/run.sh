@@ -22,7 +22,7 @@ fi
 
 missing=()
 for tool_pkg in ip:iproute2 nft:nftables conntrack:conntrack python3:python3 curl:curl promtool:prometheus \
-                ab:apache2-utils iperf3:iperf3 bc:bc; do
+                ab:apache2-utils iperf3:iperf3 bc:bc iptables-save:iptables; do
     command -v "${tool_pkg%%:*}" >/dev/null 2>&1 || missing+=("${tool_pkg#*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
