@@ -12,14 +12,16 @@
 //! `offload` pushes the flow layer's rules into the kernel (a socket
 //! filter, an event mask); `census` dumps the kernel's conntrack table now
 //! and then (on a thread of its own), so readers drop flows whose DESTROY
-//! was lost and a too-narrow `--svc-subnet` shows; `config` turns flags
-//! into a validated [`config::Config`].
+//! was lost and a too-narrow `--svc-subnet` shows; `service_names` reads
+//! the Services' names from kube-proxy's rules on the node (on a thread of
+//! its own); `config` turns flags into a validated [`config::Config`].
 //!
 //! Layers, each using only those below it (`tests/layers.rs`): `sys`,
-//! `wire` and `stats` use no other; `flow` uses `wire`, `stats`, `sys`;
-//! `offload` uses `wire`, `flow`, `sys`; `reader` uses `sys`, `wire`,
-//! `flow`, `stats`; `census` uses `sys`, `wire`, `flow`, `stats`; `expo`
-//! uses `stats`, `sys`; `config` uses `flow`.
+//! `wire` and `stats` use no other; `service_names` uses `stats`; `flow`
+//! uses `wire`, `stats`, `sys`; `offload` uses `wire`, `flow`, `sys`;
+//! `reader` uses `sys`, `wire`, `flow`, `stats`; `census` uses `sys`,
+//! `wire`, `flow`, `stats`; `expo` uses `stats`, `sys`; `config` uses
+//! `flow`.
 //!
 //! Guarantees each stage keeps:
 //! - `sys`: the only `unsafe` code, each block a small wrapper around one
