@@ -15,7 +15,10 @@
 //!   and malformed messages (none in this corpus). Left out: the
 //!   `--print-events` branch (off by default; one untaken branch per event).
 //!
-//! The difference between the two is what counting, flow tracking and the
+//! * `the per-event path with --service-labels`: the same, each Service's
+//!   flows recorded in a block of its own (one lookup per DESTROY).
+//!
+//! The difference between the first two is what counting, flow tracking and the
 //! statistics cost per event. The group `pipeline, filtered` runs both over
 //! the datagrams the default socket filter lets through (Service events the
 //! tracker may use, `flow::tracker_may_use`): what the reader gets in
@@ -42,7 +45,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-use conntrack_metrics::flow::{tracker_may_use, FlowTracker, ServiceFilter};
+use conntrack_metrics::flow::services::label_overflow_blocks;
+use conntrack_metrics::flow::{tracker_may_use, FlowTracker, ServiceBudget, ServiceFilter};
 use conntrack_metrics::reader::EventPath;
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::{Counter, Registry, Series, ShardSet, Snapshot};
@@ -230,8 +234,23 @@ fn bench_group(c: &mut Criterion, group: &str, datagrams: &[Slot], events: u64) 
         "parse + count + flow tracking + stats (the reader's per-event path)",
         |b| b.iter(|| reader_path(datagrams, &mut path)),
     );
+    // The same with --service-labels at the default budget: a Service
+    // lookup per DESTROY, and each Service's own block.
+    let labelled = tracker().with_services(ServiceBudget {
+        max_services: 200,
+        idle_ns: u64::MAX,
+    });
+    let set = ShardSet::with_blocks(1, SummaryWindow::from_minutes(10), labelled.blocks());
+    label_overflow_blocks(&set);
+    let mut labelled = EventPath::new(0, set.writer(0).unwrap(), labelled, false);
+    g.bench_function("the per-event path with --service-labels", |b| {
+        b.iter(|| reader_path(datagrams, &mut labelled))
+    });
     g.finish();
     black_box(path.tracker().flows());
+    let s = snapshot(&set);
+    drop(labelled);
+    assert!(s.blocks().len() > 1, "Services got series of their own");
 }
 
 criterion_group! {
