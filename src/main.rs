@@ -25,6 +25,7 @@ use conntrack_metrics::offload::event_mask::{self, EventMask};
 use conntrack_metrics::offload::socket_filter::SocketFilters;
 use conntrack_metrics::reader::threads::{self, ReaderPlan, Readers};
 use conntrack_metrics::reader::{ignores_event_stamps, wall_clock_ns, ReaderOptions};
+use conntrack_metrics::service_names::ServiceNames;
 use conntrack_metrics::stats::self_metrics::{RECEIVE_BUFFER, SCRAPE_DURATION};
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::{Registry, SeriesKey, ShardSet};
@@ -389,7 +390,8 @@ fn serve(
     };
     let mut exposition = Exposition::new(registry, options);
     if config.service_labels {
-        exposition = exposition.with_key_labels(Box::new(ServiceLabels));
+        let names = config.service_names.then(service_names);
+        exposition = exposition.with_key_labels(Box::new(ServiceLabels { names }));
     }
     let scrape_duration = metrics::histogram!(SCRAPE_DURATION);
     endpoint
@@ -405,13 +407,27 @@ fn serve(
         .map_err(|e| io::Error::new(e.kind(), format!("HTTP endpoint stopped: {e}")))
 }
 
+/// With `--service-names auto`: the names of the node's Services, read
+/// from kube-proxy's rules now (so the first scrape has them) and every
+/// 30 s on a thread of their own.
+fn service_names() -> Arc<ServiceNames> {
+    ServiceNames::start(SERVICE_NAMES_EVERY)
+}
+
+/// How often kube-proxy's rules are read again for Service names.
+const SERVICE_NAMES_EVERY: Duration = Duration::from_secs(30);
+
 /// The labels of a Service's series: `service_ip`, `service_port`,
-/// `protocol`; the overflow's are `other` and empty.
-struct ServiceLabels;
+/// `protocol`, and with names `namespace` and `service` (empty for a
+/// Service the rules do not name); the overflow's are `other` and empty.
+struct ServiceLabels {
+    names: Option<Arc<ServiceNames>>,
+}
 
 impl KeyLabels for ServiceLabels {
     fn labels(&self, key: SeriesKey, out: &mut Vec<(&'static str, String)>) {
-        match ServiceKey::from_series_key(key) {
+        let key = ServiceKey::from_series_key(key);
+        match key {
             Some(k) => {
                 out.push(("service_ip", k.addr.to_string()));
                 out.push(("service_port", k.port.to_string()));
@@ -422,6 +438,13 @@ impl KeyLabels for ServiceLabels {
                 out.push(("service_port", String::new()));
                 out.push(("protocol", String::new()));
             }
+        }
+        if let Some(names) = &self.names {
+            let name = key.and_then(|k| names.lookup(k.addr, k.port, k.proto));
+            let (namespace, service) =
+                name.map_or_else(Default::default, |n| (n.namespace, n.name));
+            out.push(("namespace", namespace));
+            out.push(("service", service));
         }
     }
 }

@@ -73,9 +73,21 @@ const OVER_BUDGET: &str = "conntrack_monitoring_flows_over_service_budget_total"
 /// `args` and `env`; traffic sent to each Service; returns the node and
 /// the flows each DNAT rule counted.
 fn node_with_traffic(port: u16, args: &[&str], env: &[&str]) -> (VirtualNode, [f64; 3]) {
+    node_with_traffic_after(port, args, env, |_| {})
+}
+
+/// [`node_with_traffic`], with `setup` run on the node before the exporter
+/// starts.
+fn node_with_traffic_after(
+    port: u16,
+    args: &[&str],
+    env: &[&str],
+    setup: impl Fn(&VirtualNode),
+) -> (VirtualNode, [f64; 3]) {
     let mut vn = VirtualNode::new();
     vn.short_timeouts();
     vn.nft(RULESET);
+    setup(&vn);
     let (b1, b2) = (vn.backend.clone(), vn.backend2.clone());
     start_backend(&mut vn, &b1, HTTP_BACKEND);
     start_backend(&mut vn, &b2, UDP_BACKEND);
@@ -243,4 +255,109 @@ fn an_idle_service_gives_its_series_back() {
         assert!(Instant::now() < deadline, "the Service did not come back");
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// kube-proxy's nftables mode names 10.96.1.1:80/tcp (its map
+/// `service-ips`, the element's chain `service-HASH-NS/NAME/PROTO/PORT`).
+const KUBE_PROXY_NFT: &str = "
+table ip kube-proxy {
+    map service-ips {
+        type ipv4_addr . inet_proto . inet_service : verdict
+    }
+    chain service-ULMVA6XW-default/web/tcp/http { }
+}
+add element ip kube-proxy service-ips { 10.96.1.1 . tcp . 80 : goto service-ULMVA6XW-default/web/tcp/http }
+";
+
+/// kube-proxy's iptables mode names 10.96.1.2:8443/tcp (a `KUBE-SERVICES`
+/// rule with its comment), through iptables-nft in the node's namespace.
+fn kube_proxy_iptables(vn: &VirtualNode) {
+    let nat = |args: &[&str]| {
+        let mut argv = vec!["iptables", "-w", "-t", "nat"];
+        argv.extend_from_slice(args);
+        vn.exec(&vn.node, &argv);
+    };
+    nat(&["-N", "KUBE-SERVICES"]);
+    nat(&["-N", "KUBE-SVC-4QZOVBIBSUUGMHFS"]);
+    nat(&[
+        "-A",
+        "KUBE-SERVICES",
+        "-d",
+        "10.96.1.2/32",
+        "-p",
+        "tcp",
+        "-m",
+        "comment",
+        "--comment",
+        "prod/api:https cluster IP",
+        "-m",
+        "tcp",
+        "--dport",
+        "8443",
+        "-j",
+        "KUBE-SVC-4QZOVBIBSUUGMHFS",
+    ]);
+    // Not kube-proxy's format: counted, skipped, and nothing else changes.
+    nat(&[
+        "-A",
+        "KUBE-SERVICES",
+        "-d",
+        "10.96.1.3/32",
+        "-p",
+        "tcp",
+        "-m",
+        "comment",
+        "--comment",
+        "no namespace here cluster IP",
+        "-m",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "KUBE-SVC-4QZOVBIBSUUGMHFS",
+    ]);
+}
+
+#[test]
+fn names_come_from_the_nodes_kube_proxy_rules_in_both_modes() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    const PORT: u16 = 9123;
+    let (vn, counted) = node_with_traffic_after(PORT, &["--service-labels"], &[], |vn| {
+        vn.nft(KUBE_PROXY_NFT);
+        kube_proxy_iptables(vn);
+    });
+    let text = scrape_all(&vn, PORT, counted.iter().sum());
+    for ((_, ip, ..), flows, namespace, service) in [
+        (SERVICES[0], counted[0], "default", "web"),
+        (SERVICES[1], counted[1], "prod", "api"),
+        // No rule names the DNS Service: its name labels are empty.
+        (SERVICES[2], counted[2], "", ""),
+    ] {
+        let labels = [
+            ("service_ip", ip),
+            ("namespace", namespace),
+            ("service", service),
+        ];
+        assert_eq!(
+            total(&text, DURATION, &labels),
+            flows,
+            "{ip} as {namespace}/{service}"
+        );
+    }
+    let errors = "conntrack_monitoring_service_name_errors_total";
+    let malformed = [("source", "iptables"), ("reason", "malformed")];
+    assert_eq!(
+        total(&text, errors, &malformed),
+        1.0,
+        "the bad rule is counted"
+    );
+    let named = "conntrack_monitoring_service_names";
+    assert_eq!(total(&text, named, &[("source", "nftables")]), 1.0);
+    assert_eq!(total(&text, named, &[("source", "iptables")]), 1.0);
+    let overflow = samples(&text, DURATION, &[("service_ip", "other")]);
+    assert_eq!(overflow.len(), 1);
+    assert_eq!(overflow[0].0["namespace"], "");
+    promtool_check(&text);
 }
