@@ -11,7 +11,8 @@
 #    unknown fields). deploy/extras/podmonitor.yaml is a CRD kind the package has no
 #    schema for: it is only loaded and checked for its selector/port.
 # 3. Parses dashboard.json, prometheus.yml and Grafana's provisioning files.
-# 4. Checks every PromQL expression of the dashboard names only metrics the exporter
+# 4. Checks every PromQL expression of the dashboard (and each template variable's query)
+#    names only metrics the exporter
 #    exposes: from a real scrape of the exporter run in a network namespace this script
 #    creates (needs root, `ip`, curl), else from docs/metrics.md. container_* names are
 #    cAdvisor's (kubelet), not the exporter's, and are checked against a fixed list.
@@ -121,15 +122,28 @@ for doc in yaml.safe_load_all(open(f"{d}/grafana.yaml")):
 print("dashboard.json, prometheus.yml and Grafana's provisioning files parse")
 PY
 
-# The dashboard's expressions, one a line, Grafana's interval variables made concrete.
+# The dashboard's expressions, one a line, Grafana's interval variables made concrete
+# and its template variables set to "All" (.*); each query variable's
+# label_values(METRIC, LABEL) as the expression `count by (LABEL) (METRIC)`.
 python3 - "$here/monitoring/dashboard.json" >"$tmp/exprs.txt" <<'PY'
-import json, sys
+import json, re, sys
 def walk(ps):
     for p in ps:
         yield from walk(p.get("panels", []))
         for t in p.get("targets", []):
             yield t["expr"]
-for e in walk(json.load(open(sys.argv[1]))["panels"]):
+board = json.load(open(sys.argv[1]))
+exprs = list(walk(board["panels"]))
+for v in board.get("templating", {}).get("list", []):
+    if v.get("type") == "query":
+        q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+        m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", q)
+        if not m:
+            sys.exit(f"variable {v['name']}: not label_values(METRIC, LABEL): {q}")
+        exprs.append(f"count by ({m.group(2)}) ({m.group(1)})")
+for e in exprs:
+    for var in ("$service_ip", "$namespace", "$service"):
+        e = e.replace(var, ".*")
     print(e.replace("$__rate_interval", "1m").replace("$__interval", "1m"))
 PY
 echo "$(wc -l <"$tmp/exprs.txt") PromQL expressions in the dashboard"
@@ -146,7 +160,7 @@ if [ $live = 1 ]; then
     fi
     ip netns add "$ns"
     ip -n "$ns" link set lo up
-    ip netns exec "$ns" "$EXPORTER" --no-sysctl --node-name validate \
+    ip netns exec "$ns" "$EXPORTER" --no-sysctl --node-name validate --service-labels \
         --metrics-bind-address 127.0.0.1:19100 >"$tmp/exporter.log" 2>&1 &
     pids+=($!)
     ok=0
@@ -262,13 +276,16 @@ YML
     # keeps every other event (Prometheus's own scrapes among them) out of the reader,
     # so without it the receive-batch rates would be 0 (NaN quantiles).
     if [ $traffic = 1 ]; then
+        # Each flow is then deleted (its DESTROY comes now, not when the kernel's
+        # garbage collector gets to it), so the per-Service latency rates have data.
         (while :; do
             ip netns exec "$ns" curl -fsS -o /dev/null http://10.96.1.10/ 2>/dev/null || true
             sleep 0.3
+            ip netns exec "$ns" conntrack -D -d 10.96.1.10 >/dev/null 2>&1 || true
         done) &
         pids+=($!)
     fi
-    sleep 3
+    sleep 5
     : >"$tmp/results.txt"
     while IFS= read -r e; do
         ip netns exec "$ns" curl -sS -G --data-urlencode "query=$e" \
