@@ -117,15 +117,16 @@ fn metrics_registry(config: &Config) -> io::Result<Arc<Registry>> {
 
 /// With `--service-labels`, how Services get series of their own.
 fn service_budget(config: &Config) -> Option<ServiceBudget> {
-    let mut idle_ns = u64::from(config.service_idle_minutes) * 60_000_000_000;
-    // Test builds: the idle time in seconds, so a test need not wait minutes.
-    #[cfg(debug_assertions)]
-    if let Some(seconds) = std::env::var("CONNTRACK_METRICS_TEST_SERVICE_IDLE_SECONDS")
+    // Test builds take the idle time in seconds from the environment, so a
+    // test need not wait minutes; a release build has no such variable.
+    let test_seconds = std::env::var("CONNTRACK_METRICS_TEST_SERVICE_IDLE_SECONDS")
         .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        idle_ns = seconds * 1_000_000_000;
-    }
+        .filter(|_| cfg!(debug_assertions))
+        .and_then(|v| v.parse::<u64>().ok());
+    let idle_ns = test_seconds.map_or(
+        u64::from(config.service_idle_minutes) * 60_000_000_000,
+        |seconds| seconds * 1_000_000_000,
+    );
     config.service_labels.then_some(ServiceBudget {
         max_services: config.max_services,
         idle_ns,
