@@ -83,6 +83,21 @@ impl Outside {
         *high = (*high).max(dst);
     }
 
+    /// Takes in `other`'s destinations (their ranges and example), keeping
+    /// this count: what every dump so far found outside.
+    fn absorb(&mut self, other: &Outside) {
+        for (mine, theirs) in [(&mut self.v4, other.v4), (&mut self.v6, other.v6)] {
+            if let Some((low, high)) = theirs {
+                let (l, h) = mine.get_or_insert((low, high));
+                *l = (*l).min(low);
+                *h = (*h).max(high);
+            }
+        }
+        if self.example.is_none() {
+            self.example = other.example;
+        }
+    }
+
     /// The smallest prefix holding every destination, per family seen.
     pub fn prefixes(&self) -> Vec<Subnet> {
         [self.v4, self.v6]
@@ -233,12 +248,16 @@ impl Census {
 /// Runs the census every `interval`, from now on, on the calling thread
 /// (never returns): each tally's [`LiveFlows`] goes to `deliver` unless the
 /// dump was interrupted, the gauge and the counter are set, and the hint
-/// is logged the first time there is one.
+/// is logged when the prefix of every destination found outside so far
+/// first appears or widens (once, unless flows to a wider range come
+/// later: a first dump may catch only some of them).
 pub fn run(mut census: Census, interval: Duration, mut deliver: impl FnMut(LiveFlows)) -> ! {
     let gauge = metrics::gauge!(DNAT_OUTSIDE);
     let ok = metrics::counter!(TABLE_DUMPS, "outcome" => "ok");
     let failed = metrics::counter!(TABLE_DUMPS, "outcome" => "failed");
-    let (mut hinted, mut failing) = (false, false);
+    let mut failing = false;
+    // Every destination found outside so far, and the prefixes last named.
+    let (mut ever, mut named) = (Outside::default(), Vec::new());
     loop {
         match census.take(wall_clock_ns()) {
             Ok(tally) => {
@@ -248,11 +267,14 @@ pub fn run(mut census: Census, interval: Duration, mut deliver: impl FnMut(LiveF
                     failing = false;
                 }
                 gauge.set(tally.outside.flows as f64);
-                if !hinted {
-                    if let Some(hint) = tally.outside.hint(&census.services) {
+                ever.absorb(&tally.outside);
+                ever.flows = tally.outside.flows;
+                let prefixes = ever.prefixes();
+                if ever.flows > 0 && prefixes != named {
+                    if let Some(hint) = ever.hint(&census.services) {
                         crate::log!("hint: {hint}");
-                        hinted = true;
                     }
+                    named = prefixes;
                 }
                 if !tally.interrupted {
                     deliver(tally.live);
@@ -289,6 +311,17 @@ mod tests {
         assert_eq!(o.flows, 4);
         let prefixes: Vec<String> = o.prefixes().iter().map(Subnet::to_string).collect();
         assert_eq!(prefixes, ["10.96.0.0/12", "fd00:96::1:5/128"]);
+        let mut ever = Outside::default();
+        let mut first = Outside::default();
+        first.note(ip("10.100.1.1"), 80);
+        ever.absorb(&first);
+        assert_eq!(ever.prefixes()[0].to_string(), "10.100.1.1/32");
+        ever.absorb(&o);
+        assert_eq!(
+            ever.prefixes(),
+            o.prefixes(),
+            "a later, wider dump widens it"
+        );
         let hint = o.hint(&["10.96.0.0/16".parse().unwrap()]).unwrap();
         assert!(
             hint.starts_with("4 DNAT'd flow(s)")
