@@ -26,7 +26,7 @@ use conntrack_metrics::offload::socket_filter::SocketFilters;
 use conntrack_metrics::reader::threads::{self, ReaderPlan, Readers};
 use conntrack_metrics::reader::{ignores_event_stamps, wall_clock_ns, ReaderOptions};
 use conntrack_metrics::service_names::ServiceNames;
-use conntrack_metrics::stats::self_metrics::{RECEIVE_BUFFER, SCRAPE_DURATION};
+use conntrack_metrics::stats::self_metrics::{READERS_STUCK, RECEIVE_BUFFER, SCRAPE_DURATION};
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::{Registry, SeriesKey, ShardSet};
 use conntrack_metrics::sys::local_addresses::local_addresses;
@@ -395,9 +395,11 @@ fn serve(
         exposition = exposition.with_key_labels(Box::new(ServiceLabels { names }));
     }
     let scrape_duration = metrics::histogram!(SCRAPE_DURATION);
+    let readers_stuck = metrics::gauge!(READERS_STUCK);
     endpoint
         .run(
             &mut |format, out| {
+                readers_stuck.set(readers.stuck() as f64);
                 let start = Instant::now();
                 exposition.render(format, out);
                 scrape_duration.record(start.elapsed().as_secs_f64());

@@ -196,6 +196,8 @@ const ADDED_SINCE: &[&str] = &[
     "conntrack_monitoring_dnat_flows_outside_service_subnets",
     "conntrack_monitoring_table_dumps",
     "conntrack_monitoring_flows_over_service_budget",
+    "conntrack_monitoring_service_flows",
+    "conntrack_monitoring_readers_stuck",
     "conntrack_monitoring_http_connections_refused",
     "conntrack_monitoring_service_names",
     "conntrack_monitoring_service_name_errors",

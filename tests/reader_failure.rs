@@ -111,6 +111,10 @@ fn a_reader_stuck_on_a_batch_fails_healthz_and_readyz() {
         status(&vn, 9101, "/readyz"),
         "HTTP/1.1 503 Service Unavailable"
     );
+    // The scrape still answers, and says so (an alert can fire on it).
+    let (_, text) = get(&vn, 9101, "/metrics", None);
+    let stuck = "conntrack_monitoring_readers_stuck{node=\"n1\"}";
+    assert_eq!(common::exporter::value(&text, stuck), 1.0);
     // A stuck reader still sees the stop: SIGTERM ends it.
     common::netns::run(&["kill", "-TERM", &pid.to_string()]);
     let status = vn.wait_child(pid, Duration::from_secs(2));

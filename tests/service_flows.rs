@@ -13,9 +13,7 @@ use common::exporter::{
     get, promtool_check, scrape_until, start, start_with_env, start_with_pid, value,
 };
 use common::netns::{kernel_tests_possible, VirtualNode};
-use common::traffic::{
-    self, start_backend, udp_client, udp_client_from, HTTP_BACKEND, UDP_BACKEND,
-};
+use common::traffic::{self, start_backend, udp_client, udp_client_from, UDP_BACKEND};
 
 const RULESET: &str = r#"
 table inet ctm_test {
@@ -45,12 +43,7 @@ fn every_service_flow_is_measured_exactly_once_and_other_flows_not_at_all() {
     if !kernel_tests_possible() {
         return;
     }
-    let mut vn = VirtualNode::new();
-    vn.short_timeouts();
-    vn.nft(RULESET);
-    let (b1, b2) = (vn.backend.clone(), vn.backend2.clone());
-    start_backend(&mut vn, &b1, HTTP_BACKEND);
-    start_backend(&mut vn, &b2, UDP_BACKEND);
+    let mut vn = traffic::service_node(RULESET);
     const PORT: u16 = 9100;
     let _out = start(&mut vn, PORT, &["--exclude-subnet", "10.96.0.0/24"]);
 
@@ -400,12 +393,7 @@ fn without_event_stamps_receive_times_measure_every_flow() {
     if !kernel_tests_possible() {
         return;
     }
-    let mut vn = VirtualNode::new();
-    vn.short_timeouts();
-    vn.nft(RULESET);
-    let (b1, b2) = (vn.backend.clone(), vn.backend2.clone());
-    start_backend(&mut vn, &b1, HTTP_BACKEND);
-    start_backend(&mut vn, &b2, UDP_BACKEND);
+    let mut vn = traffic::service_node(RULESET);
     const PORT: u16 = 9103;
     let env = ["CONNTRACK_METRICS_IGNORE_EVENT_STAMPS=1"];
     // --print-events shows each event as the tracker takes it.

@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::exporter::{get, promtool_check, start_with_env};
+use common::exporter::{get, promtool_check, samples, start_with_env, total};
 use common::netns::{kernel_tests_possible, VirtualNode};
-use common::traffic::{nft_counter, start_backend, udp_client, HTTP_BACKEND, UDP_BACKEND};
+use common::traffic::{nft_counter, service_node, udp_client};
 
 const RULESET: &str = r#"
 table inet ctm_test {
@@ -36,35 +35,6 @@ const SERVICES: [(&str, &str, &str, &str); 3] = [
     ("dns", "10.96.0.53", "53", "udp"),
 ];
 
-/// Every sample of `name` whose labels include `want`, with all its labels.
-fn samples(text: &str, name: &str, want: &[(&str, &str)]) -> Vec<(BTreeMap<String, String>, f64)> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let mut map = BTreeMap::new();
-        for pair in labels.split("\",") {
-            let (k, v) = pair.split_once("=\"").expect("label");
-            map.insert(k.to_string(), v.trim_end_matches('"').to_string());
-        }
-        if want
-            .iter()
-            .all(|(k, v)| map.get(*k).map(String::as_str) == Some(*v))
-        {
-            out.push((map, value.parse().unwrap()));
-        }
-    }
-    out
-}
-
-fn total(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
-    samples(text, name, want).iter().map(|(_, v)| v).sum()
-}
-
 const DURATION: &str = "conntrack_monitoring_service_duration_seconds_count";
 const SEEN_REPLY: &str = "conntrack_monitoring_service_seen_reply_latency_seconds_count";
 const OVER_BUDGET: &str = "conntrack_monitoring_flows_over_service_budget_total";
@@ -84,13 +54,8 @@ fn node_with_traffic_after(
     env: &[&str],
     setup: impl Fn(&VirtualNode),
 ) -> (VirtualNode, [f64; 3]) {
-    let mut vn = VirtualNode::new();
-    vn.short_timeouts();
-    vn.nft(RULESET);
+    let mut vn = service_node(RULESET);
     setup(&vn);
-    let (b1, b2) = (vn.backend.clone(), vn.backend2.clone());
-    start_backend(&mut vn, &b1, HTTP_BACKEND);
-    start_backend(&mut vn, &b2, UDP_BACKEND);
     start_with_env(&mut vn, port, env, args);
     let client = vn.client.clone();
     for url in ["http://10.96.1.1:80/", "http://10.96.1.2:8443/"] {

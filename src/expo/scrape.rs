@@ -25,7 +25,9 @@ use super::formatting::{
 use super::http::Format;
 use crate::stats::family::{HistogramFamily, NAMESPACE};
 use crate::stats::self_metrics::{FamilyView, Kind, SeriesValue};
-use crate::stats::{BlockLabels, Counter, Quantiles, Registry, Series, SeriesKey, Snapshot};
+use crate::stats::{
+    BlockLabels, Counter, Outcome, Quantiles, Registry, Series, SeriesKey, Snapshot,
+};
 
 /// What a scrape shows besides the registry's values.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,6 +172,7 @@ impl Exposition {
         ] {
             self.histogram(family, out);
         }
+        self.flow_outcomes(format, out);
         for legacy in [false, true] {
             if legacy && !self.options.legacy_names {
                 continue;
@@ -232,6 +235,44 @@ impl Exposition {
                 let sum = unit.render(block.sum(s));
                 let labels = labels(s.direction(), node, &key);
                 write_histogram_series(out, &name, &labels, bounds(), &self.cumulative, sum);
+            }
+        }
+    }
+
+    /// `service_flows_total{outcome, protocol}`: the buckets of the outcome
+    /// series, one sample each, per block. A Service's block has its own
+    /// `protocol` label: only that protocol's series is written (the others
+    /// are empty by construction); the overflow's (empty `protocol`) and the
+    /// node's get one series per protocol.
+    fn flow_outcomes(&mut self, format: Format, out: &mut Vec<u8>) {
+        let family = &crate::stats::family::SERVICE_FLOWS;
+        let base = full_name(family.name, "");
+        write_counter_meta(out, format == Format::OpenMetrics, &base, family.help);
+        let sample = full_name(family.name, "_total");
+        let node = self.options.node.as_str();
+        let series = Self::family_series(family);
+        let mut key = Vec::new();
+        for block in self.snapshot.blocks() {
+            key.clear();
+            if let BlockLabels::Key(k) = block.labels() {
+                self.key_labels.labels(k, &mut key);
+            }
+            let own = key.iter().position(|(name, _)| *name == "protocol");
+            for &s in &series {
+                let Some(protocol) = s.protocol() else {
+                    continue;
+                };
+                let mut labels = labels(None, node, &key);
+                match own {
+                    Some(i) if !key[i].1.is_empty() && key[i].1 != protocol => continue,
+                    // The label's place is the key's; its value the series'.
+                    Some(i) => labels[i + 1].1 = protocol,
+                    None => labels.push(("protocol", protocol)),
+                }
+                for (outcome, &n) in Outcome::ALL.iter().zip(block.buckets(s)) {
+                    let labels = with(&labels, ("outcome", outcome.label()));
+                    write_sample(out, &sample, "", &labels, Value::Count(n));
+                }
             }
         }
     }
@@ -554,7 +595,8 @@ mod tests {
         let missing: Vec<_> = theirs.difference(&ours).collect();
         let extra: Vec<_> = ours
             .difference(&theirs)
-            .filter(|l| !l.contains("_window_"))
+            // Ours beside the original's: the window quantiles, the outcomes.
+            .filter(|l| !l.contains("_window_") && !l.contains("_service_flows_total"))
             .collect();
         assert!(
             missing.is_empty() && extra.is_empty(),

@@ -29,6 +29,8 @@ pub struct FlowState {
     /// Whether no overrun was reported between the flow's insertion and its
     /// FIN moment.
     pub fin_complete: bool,
+    /// Whether its first closing state was CLOSE: a reset, without a FIN.
+    pub closed_by_reset: bool,
     /// The reader's overrun count when the flow was inserted.
     pub overruns_at_insert: u32,
     /// The latest moment, known at the insertion, at or before which events

@@ -49,7 +49,7 @@
 //! wrongly.) DESTROY-only observations (duration, bytes, packets) carry
 //! their own data and are always taken.
 
-use crate::stats::{BlockId, Counter, Series, ShardWriter};
+use crate::stats::{BlockId, Counter, Outcome, Series, ShardWriter};
 use crate::wire::{Counters, CtEvent, EventKind, Status, TcpState};
 
 use std::net::IpAddr;
@@ -213,6 +213,10 @@ struct Ended {
     reset: bool,
     /// The block its observations go to: its Service's, or the node's.
     block: BlockId,
+    /// Its IP protocol number.
+    proto: u8,
+    /// Its DESTROY shows `SEEN_REPLY`: it was answered.
+    answered: bool,
 }
 
 impl Ended {
@@ -224,6 +228,8 @@ impl Ended {
             to: ev.counters_orig.unwrap_or_default(),
             from: ev.counters_reply.unwrap_or_default(),
             tcp: ev.orig.and_then(|t| t.proto) == Some(TCP),
+            proto: ev.orig.and_then(|t| t.proto).unwrap_or(0),
+            answered: ev.status.is_some_and(|s| s.has(Status::SEEN_REPLY)),
             reset: ev.tcp_state == Some(TcpState::CLOSE),
         }
     }
@@ -398,6 +404,7 @@ impl FlowTracker {
             seen_reply: ev.status.is_some_and(|s| s.has(Status::SEEN_REPLY)),
             fin: ev.orig.and_then(|t| t.proto) == Some(TCP)
                 && ev.tcp_state.is_some_and(TcpState::is_closing),
+            reset: ev.tcp_state == Some(TcpState::CLOSE),
         };
         match ev.kind {
             // The first event that shows the reply inserts the flow. Usually
@@ -498,7 +505,7 @@ impl FlowTracker {
             // seen-reply moment.
             if let Some(flow) = self.table.get_mut(key) {
                 if moment.fin {
-                    record_fin(flow, moment.at, overruns);
+                    record_fin(flow, moment.at, overruns, moment.reset);
                 }
                 return;
             }
@@ -516,7 +523,7 @@ impl FlowTracker {
             };
             let (flow, inserted) = self.table.insert(key, fresh);
             if moment.fin {
-                record_fin(flow, moment.at, overruns);
+                record_fin(flow, moment.at, overruns, moment.reset);
             }
             if let Inserted::Evicted { state, .. } = inserted {
                 shard.count(Counter::FlowsEvicted, 1);
@@ -547,7 +554,7 @@ impl FlowTracker {
         // DESTROY alone (state CLOSE, no UPDATE): its FIN moment is the
         // kernel's stop stamp.
         if let (true, true, Some((_, stop))) = (end.reset, moment.fin, end.span) {
-            record_fin(&mut flow, stop, overruns);
+            record_fin(&mut flow, stop, overruns, true);
         }
         // An entry that an overrun may have left behind (its DESTROY lost)
         // and that this flow found by the same key: not this flow's.
@@ -600,15 +607,18 @@ struct Moment {
     at: u64,
     seen_reply: bool,
     fin: bool,
+    /// The closing state is CLOSE: the flow was reset.
+    reset: bool,
 }
 
 /// Records `at` as the flow's FIN moment if it has none yet and was answered
 /// (a refused connection, SYN then RST, has no FIN latency): complete when no
 /// overrun (`overruns` is the count now) came since the flow's insertion.
 #[inline]
-fn record_fin(flow: &mut FlowState, at: u64, overruns: u32) {
+fn record_fin(flow: &mut FlowState, at: u64, overruns: u32, reset: bool) {
     if flow.fin_ns.is_none() && flow.seen_reply_ns.is_some() {
         flow.fin_ns = Some(at);
+        flow.closed_by_reset = reset;
         flow.fin_complete = flow.overruns_at_insert == overruns;
     }
 }
@@ -626,6 +636,15 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
         Some(d) => shard.observe_in(end.block, Series::Duration, d / 1_000),
         None => shard.count(Counter::EventsOrderErrors, 1),
     }
+    // Counted with the duration, so the outcomes add up to the flows
+    // counted.
+    let outcome = match (end.answered, end.tcp) {
+        (true, true) if flow.closed_by_reset => Outcome::Reset,
+        (true, _) => Outcome::Answered,
+        (false, true) if end.from.packets.is_some_and(|p| p > 0) => Outcome::Refused,
+        (false, _) => Outcome::Unanswered,
+    };
+    shard.observe_in(end.block, Series::flows(end.proto), outcome as u64);
     // One call per series, each a constant: the bucket search is then
     // unrolled over the family's bounds (a loop over the four kept it a
     // search in memory, a third of this function's time in the UDP storm).
@@ -949,6 +968,17 @@ mod tests {
         assert_eq!(s.count(Series::SeenReplyLatency), 0);
         // CLOSE, but the connection was never answered: no FIN latency.
         assert_eq!(s.count(Series::FinLatency), 0);
+        // The backend's side carried its reset: refused.
+        assert_eq!(s.buckets(Series::FlowsTcp), [0, 1, 0, 0]);
+        // The same with nothing back (a blackholed SYN, counters 0): unanswered.
+        let mut d = destroy(6, 6, Some(TcpState::SYN_SENT), T0, T0 + MS);
+        d.status = Some(Status(NAT | Status::DYING));
+        d.counters_reply = Some(Counters {
+            packets: Some(0),
+            bytes: Some(0),
+        });
+        run.feed(&mut t, &[d]);
+        assert_eq!(run.snap().buckets(Series::FlowsTcp), [0, 1, 1, 0]);
     }
 
     #[test]
@@ -989,6 +1019,8 @@ mod tests {
         );
         let s = run.snap();
         assert_eq!(s.sum(Series::FinLatency), (9 * MS) as f64);
+        // Answered, then reset without a FIN.
+        assert_eq!(s.buckets(Series::FlowsTcp), [0, 0, 0, 1]);
         // An idle ESTABLISHED flow that expires has no FIN.
         let mut idle = destroy(19, 6, Some(TcpState::ESTABLISHED), T0, T0 + 9 * MS);
         idle.timestamp_event = Some(T0 + 99 * MS);
@@ -1507,13 +1539,42 @@ mod tests {
     fn captures_replayed_give_one_observation_per_flow() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let cases = [
-            // (capture, flows with seen-reply, with FIN, durations)
-            ("tcp_dnat_ab.bin", 61, 61, 61),
-            ("udp_dnat_vip53.bin", 99, 0, 99),
-            ("tcp_dnat_refused.bin", 0, 0, 20),
-            ("udp_unreplied_sink.bin", 0, 0, 0),
+            // (capture, flows with seen-reply, with FIN, durations, outcome
+            // series and its counts: answered, refused, unanswered, reset)
+            (
+                "tcp_dnat_ab.bin",
+                61,
+                61,
+                61,
+                Series::FlowsTcp,
+                [61, 0, 0, 0],
+            ),
+            (
+                "udp_dnat_vip53.bin",
+                99,
+                0,
+                99,
+                Series::FlowsUdp,
+                [99, 0, 0, 0],
+            ),
+            (
+                "tcp_dnat_refused.bin",
+                0,
+                0,
+                20,
+                Series::FlowsTcp,
+                [0, 20, 0, 0],
+            ),
+            (
+                "udp_unreplied_sink.bin",
+                0,
+                0,
+                0,
+                Series::FlowsUdp,
+                [0, 0, 0, 0],
+            ),
         ];
-        for (file, seen_reply, fin, durations) in cases {
+        for (file, seen_reply, fin, durations, outcomes, counts) in cases {
             let run = Run::new();
             let services = ServiceFilter::new(vec!["10.96.0.0/16".parse().unwrap()], vec![]);
             let mut t = FlowTracker::new(services, 1024);
@@ -1527,6 +1588,8 @@ mod tests {
             assert_eq!(s.count(Series::FinLatency), fin, "{file}");
             assert_eq!(s.count(Series::Duration), durations, "{file}");
             assert_eq!(s.count(Series::BytesToService), durations, "{file}");
+            assert_eq!(s.buckets(outcomes), counts, "{file}: outcomes");
+            assert_eq!(s.count(outcomes), durations, "{file}: one outcome a flow");
             assert_eq!(s.counter(Counter::EventsOrderErrors), 0, "{file}");
             assert_eq!(t.flows(), 0, "{file}: every flow ended");
         }

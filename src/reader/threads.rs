@@ -158,8 +158,14 @@ impl Readers {
     /// Whether no reader is stuck on a batch
     /// ([`READER_STUCK_AFTER`](super::READER_STUCK_AFTER)).
     pub fn healthy(&self) -> bool {
+        self.stuck() == 0
+    }
+
+    /// Readers stuck on one batch for longer than
+    /// [`READER_STUCK_AFTER`](super::READER_STUCK_AFTER).
+    pub fn stuck(&self) -> usize {
         let now = wall_clock_ns();
-        !self.health.iter().any(|h| h.stuck(now))
+        self.health.iter().filter(|h| h.stuck(now)).count()
     }
 
     /// Waits for every reader; the first failure, if any.

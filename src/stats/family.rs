@@ -209,6 +209,59 @@ pub const READER_BATCH: HistogramFamily = HistogramFamily {
     by_direction: false,
 };
 
+/// `conntrack_monitoring_service_flows_total{outcome, protocol}`: Service
+/// flows ended, by outcome. Kept as a histogram of [`Outcome`] codes, one
+/// series per protocol, so that each Service's block holds its counts;
+/// rendered as a counter, one sample per bucket (outcome), never as a
+/// histogram.
+pub const SERVICE_FLOWS: HistogramFamily = HistogramFamily {
+    name: "service_flows",
+    help: "Service flows ended, by outcome: answered (a reply came), refused (TCP: the backend's side sent packets, a reset, but no reply), unanswered (nothing came back), reset (answered, then closed by a reset without a FIN)",
+    unit: Unit::Count,
+    bounds: &[
+        Outcome::Answered as u64,
+        Outcome::Refused as u64,
+        Outcome::Unanswered as u64,
+    ],
+    by_direction: false,
+};
+
+/// How a Service flow ended, as its DESTROY tells: the bucket of
+/// [`SERVICE_FLOWS`] it counts in (the last, `Reset`, is `+Inf`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The flow saw a reply (`SEEN_REPLY`).
+    Answered = 0,
+    /// TCP: the backend's side carried packets, yet no reply was seen: the
+    /// SYN was answered with a reset.
+    Refused = 1,
+    /// No packet came back: a dead or blackholed backend, a dropped SYN, a
+    /// UDP request without an answer.
+    Unanswered = 2,
+    /// TCP: answered, then closed by a reset without a FIN.
+    Reset = 3,
+}
+
+impl Outcome {
+    /// Every outcome, in bucket order.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Answered,
+        Outcome::Refused,
+        Outcome::Unanswered,
+        Outcome::Reset,
+    ];
+
+    /// Its `outcome` label value.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::Refused => "refused",
+            Outcome::Unanswered => "unanswered",
+            Outcome::Reset => "reset",
+        }
+    }
+}
+
 /// A histogram series: a family and, where it has one, a direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Series {
@@ -230,6 +283,14 @@ pub enum Series {
     FinThroughputToService,
     /// Throughput from the service until FIN, milli-bytes per second.
     FinThroughputFromService,
+    /// Outcomes of TCP Service flows ([`SERVICE_FLOWS`]).
+    FlowsTcp,
+    /// Outcomes of UDP Service flows.
+    FlowsUdp,
+    /// Outcomes of SCTP Service flows.
+    FlowsSctp,
+    /// Outcomes of Service flows of any other protocol.
+    FlowsOther,
     /// Datagrams per `recvmmsg` call.
     ReaderBatch,
 }
@@ -241,7 +302,7 @@ pub const FROM_SERVICE: &str = "from-svc";
 
 impl Series {
     /// Every series, in render order.
-    pub const ALL: [Series; 10] = [
+    pub const ALL: [Series; 14] = [
         Series::BytesToService,
         Series::BytesFromService,
         Series::PacketsToService,
@@ -251,8 +312,34 @@ impl Series {
         Series::FinLatency,
         Series::FinThroughputToService,
         Series::FinThroughputFromService,
+        Series::FlowsTcp,
+        Series::FlowsUdp,
+        Series::FlowsSctp,
+        Series::FlowsOther,
         Series::ReaderBatch,
     ];
+
+    /// The outcome series of IP protocol `proto`.
+    #[inline]
+    pub const fn flows(proto: u8) -> Series {
+        match proto {
+            6 => Series::FlowsTcp,
+            17 => Series::FlowsUdp,
+            132 => Series::FlowsSctp,
+            _ => Series::FlowsOther,
+        }
+    }
+
+    /// The `protocol` label value of an outcome series.
+    pub const fn protocol(self) -> Option<&'static str> {
+        match self {
+            Series::FlowsTcp => Some("tcp"),
+            Series::FlowsUdp => Some("udp"),
+            Series::FlowsSctp => Some("sctp"),
+            Series::FlowsOther => Some("other"),
+            _ => None,
+        }
+    }
 
     /// Its family.
     pub const fn family(self) -> &'static HistogramFamily {
@@ -263,6 +350,9 @@ impl Series {
             Series::SeenReplyLatency => &SEEN_REPLY_LATENCY,
             Series::FinLatency => &FIN_LATENCY,
             Series::FinThroughputToService | Series::FinThroughputFromService => &FIN_THROUGHPUT,
+            Series::FlowsTcp | Series::FlowsUdp | Series::FlowsSctp | Series::FlowsOther => {
+                &SERVICE_FLOWS
+            }
             Series::ReaderBatch => &READER_BATCH,
         }
     }

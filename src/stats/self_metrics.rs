@@ -29,6 +29,9 @@ pub const FLOW_TABLE_FLOWS: &str = "conntrack_monitoring_flow_table_flows";
 pub const DNAT_OUTSIDE: &str = "conntrack_monitoring_dnat_flows_outside_service_subnets";
 /// Dumps of the kernel's conntrack table (counter, label `outcome`).
 pub const TABLE_DUMPS: &str = "conntrack_monitoring_table_dumps_total";
+/// Event readers stuck on one batch for longer than the health limit, at
+/// the scrape (gauge).
+pub const READERS_STUCK: &str = "conntrack_monitoring_readers_stuck";
 /// Time to merge the shards and render one scrape (histogram).
 pub const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
 /// Connections the HTTP endpoint refused with 503 (counter, label `reason`).
@@ -66,7 +69,7 @@ pub struct FamilyDef {
 }
 
 /// The self-metric families, in render order.
-pub const FAMILIES: [FamilyDef; 10] = [
+pub const FAMILIES: [FamilyDef; 11] = [
     FamilyDef {
         name: READER_DATAGRAMS,
         kind: Kind::Counter,
@@ -101,6 +104,12 @@ pub const FAMILIES: [FamilyDef; 10] = [
         name: TABLE_DUMPS,
         kind: Kind::Counter,
         help: "Dumps of the kernel's conntrack table (--table-dump-seconds), by outcome (ok, failed)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: READERS_STUCK,
+        kind: Kind::Gauge,
+        help: "Event readers that have been on one batch for more than 5 s at this scrape (/healthz fails meanwhile); 0 normally",
         bounds: &[],
     },
     FamilyDef {

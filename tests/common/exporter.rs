@@ -109,6 +109,40 @@ pub fn value(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
+/// Every sample of `name` whose labels include `want`, with all its labels.
+pub fn samples(
+    text: &str,
+    name: &str,
+    want: &[(&str, &str)],
+) -> Vec<(std::collections::BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let mut map = std::collections::BTreeMap::new();
+        for pair in labels.split("\",") {
+            let (k, v) = pair.split_once("=\"").expect("label");
+            map.insert(k.to_string(), v.trim_end_matches('"').to_string());
+        }
+        if want
+            .iter()
+            .all(|(k, v)| map.get(*k).map(String::as_str) == Some(*v))
+        {
+            out.push((map, value.parse().unwrap()));
+        }
+    }
+    out
+}
+
+/// The sum of [`samples`].
+pub fn total(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    samples(text, name, want).iter().map(|(_, v)| v).sum()
+}
+
 /// Runs `promtool check metrics` on `text`; panics with its report on failure.
 pub fn promtool_check(text: &str) {
     let mut promtool = Command::new("promtool")

@@ -6,6 +6,19 @@ use std::process::Stdio;
 
 use super::netns::VirtualNode;
 
+/// A virtual node with short timeouts and `ruleset` (its Services' DNAT),
+/// an HTTP server on the first backend (10.200.2.2:8080) and a UDP echo on
+/// the second (10.200.3.2:5353).
+pub fn service_node(ruleset: &str) -> VirtualNode {
+    let mut vn = VirtualNode::new();
+    vn.short_timeouts();
+    vn.nft(ruleset);
+    let (b1, b2) = (vn.backend.clone(), vn.backend2.clone());
+    start_backend(&mut vn, &b1, HTTP_BACKEND);
+    start_backend(&mut vn, &b2, UDP_BACKEND);
+    vn
+}
+
 /// Starts the python3 `script` in `ns` and waits for its "ready" line.
 pub fn start_backend(vn: &mut VirtualNode, ns: &str, script: &str) {
     wait_ready(vn.spawn(
