@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
 # Validates deploy/ offline. From anywhere:
 #
-#     deploy/validate.sh            (root is needed for the live checks, step 4-5)
+#     deploy/validate.sh            (root is needed for the live checks, steps 5-6)
 #
 # 1. Renders deploy/ and deploy/monitoring/ with `kubectl kustomize` (configMapGenerator
 #    included). Without kubectl: loads every raw YAML file with python3 + PyYAML instead
 #    (the generated ConfigMaps are then not checked).
 # 2. Validates every rendered manifest against the Kubernetes 1.29 OpenAPI schemas with
 #    the PyPI package kubernetes-validate (offline, bundled schemas; --strict rejects
-#    unknown fields). deploy/extras/podmonitor.yaml is a CRD kind the package has no
-#    schema for: it is only loaded and checked for its selector/port.
-# 3. Parses dashboard.json, prometheus.yml and Grafana's provisioning files.
-# 4. Checks every PromQL expression of the dashboard (and each template variable's query)
+#    unknown fields). deploy/extras/podmonitor.yaml and prometheusrule.yaml are CRD kinds
+#    the package has no schema for: the PodMonitor is only loaded and checked for its
+#    selector/port, the PrometheusRule for its spec.groups being rules.yml's groups.
+# 3. Parses dashboard.json, prometheus.yml (its rule_files shipped in its ConfigMap) and
+#    Grafana's provisioning files.
+# 4. promtool check rules and promtool test rules on deploy/monitoring/rules.yml and
+#    rules_test.yml (skipped, said so, without promtool; tests/run.sh installs it).
+# 5. Checks every PromQL expression of the dashboard (and each template variable's query)
 #    names only metrics the exporter
 #    exposes: from a real scrape of the exporter run in a network namespace this script
 #    creates (needs root, `ip`, curl), else from docs/metrics.md. container_* names are
 #    cAdvisor's (kubelet), not the exporter's, and are checked against a fixed list.
 #    Before the scrape (with nft and conntrack) it sends 5 HTTP requests through a
 #    DNAT'd ClusterIP in that namespace, so every histogram has observations.
-# 5. If the `prometheus` binary is there too: runs a Prometheus in that namespace
-#    scraping the exporter every second, evaluates every dashboard expression through
-#    its HTTP API, and fails on any query error or any exporter expression that returns
-#    no number (cAdvisor's container_* series cannot exist there and are only listed).
+# 6. If the `prometheus` binary is there too: runs a Prometheus in that namespace
+#    scraping the exporter every second (and loading rules.yml), evaluates every
+#    dashboard expression through its HTTP API, and fails on any query error or any
+#    exporter expression that returns no number (cAdvisor's container_* series cannot
+#    exist there and are only listed); then evaluates every rule expression of rules.yml
+#    and fails on query errors only.
 #
 # Environment: EXPORTER (default target/release/conntrack-metrics, built if missing),
-# K8S_VERSION (default 1.29), SKIP_LIVE=1 to skip the live part of steps 4-5,
+# K8S_VERSION (default 1.29), SKIP_LIVE=1 to skip the live part of steps 5-6,
 # NO_KUBECTL=1 to check the raw files as if kubectl were missing.
 set -euo pipefail
 
@@ -107,6 +113,18 @@ for e in pm["spec"]["podMetricsEndpoints"]:
     assert e["port"] in ports, f"PodMonitor port {e['port']} is not a named port of the DaemonSet"
 print("extras/podmonitor.yaml: loads; selector and port match the DaemonSet (no CRD schema checked)")
 PY
+python3 - "$here/extras/prometheusrule.yaml" "$here/monitoring/rules.yml" <<'PY'
+import sys, yaml
+pr = yaml.safe_load(open(sys.argv[1]))
+rules = yaml.safe_load(open(sys.argv[2]))
+assert pr["apiVersion"] == "monitoring.coreos.com/v1" and pr["kind"] == "PrometheusRule"
+assert pr["metadata"]["name"] and pr["metadata"]["namespace"]
+# Loaded, not compared as text: comments and indentation may differ, the rules may not.
+if pr["spec"]["groups"] != rules["groups"]:
+    sys.exit("extras/prometheusrule.yaml: spec.groups differ from monitoring/rules.yml's groups "
+             "(regenerate it: the command is in its header)")
+print("extras/prometheusrule.yaml: loads; spec.groups equal monitoring/rules.yml's groups (no CRD schema checked)")
+PY
 
 step "3. configuration files"
 python3 - "$here/monitoring" <<'PY'
@@ -115,6 +133,12 @@ d = sys.argv[1]
 json.load(open(f"{d}/dashboard.json"))
 cfg = yaml.safe_load(open(f"{d}/prometheus.yml"))
 assert cfg["scrape_configs"], "prometheus.yml has no scrape_configs"
+# Rule files are read beside prometheus.yml: they must be in the same generated ConfigMap.
+kust = yaml.safe_load(open(f"{d}/kustomization.yaml"))
+shipped = {f.split("=")[-1] for g in kust["configMapGenerator"] if g["name"] == "prometheus-config"
+           for f in g["files"]}
+for f in cfg.get("rule_files", []):
+    assert f in shipped, f"prometheus.yml rule_files {f} is not in the prometheus-config ConfigMap"
 for doc in yaml.safe_load_all(open(f"{d}/grafana.yaml")):
     if doc and doc["kind"] == "ConfigMap":
         for k, v in doc["data"].items():
@@ -148,7 +172,22 @@ for e in exprs:
 PY
 echo "$(wc -l <"$tmp/exprs.txt") PromQL expressions in the dashboard"
 
-step "4. metric names"
+step "4. alert and recording rules (promtool)"
+if command -v promtool >/dev/null; then
+    promtool check rules "$here/monitoring/rules.yml" || fail "promtool check rules"
+    promtool test rules "$here/monitoring/rules_test.yml" || fail "promtool test rules"
+else
+    echo "SKIPPED: promtool not found (Debian package prometheus; tests/run.sh installs it)"
+fi
+# The rule expressions, one a line, for step 6.
+python3 - "$here/monitoring/rules.yml" >"$tmp/rule_exprs.txt" <<'PY'
+import sys, yaml
+for g in yaml.safe_load(open(sys.argv[1]))["groups"]:
+    for r in g["rules"]:
+        print(" ".join(r["expr"].split()))
+PY
+
+step "5. metric names"
 live=0
 traffic=0
 if [ "${SKIP_LIVE:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v ip >/dev/null && command -v curl >/dev/null; then
@@ -246,7 +285,7 @@ print(f"{len(used)} metric names used, all exposed ({'live scrape' if live else 
       f"{len(used & cadvisor)} from cAdvisor)")
 PY
 
-step "5. every expression against a real Prometheus"
+step "6. every expression against a real Prometheus"
 if [ $live = 1 ] && command -v prometheus >/dev/null; then
     cat >"$tmp/prom.yml" <<'YML'
 global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}
@@ -254,6 +293,8 @@ scrape_configs:
   - job_name: conntrack-metrics
     static_configs: [{targets: ["127.0.0.1:19100"]}]
 YML
+    # The rule file too: a rule Prometheus cannot load stops it before it is ready.
+    printf 'rule_files: ["%s"]\n' "$here/monitoring/rules.yml" >>"$tmp/prom.yml"
     ip netns exec "$ns" prometheus --config.file="$tmp/prom.yml" --storage.tsdb.path="$tmp/tsdb" \
         --web.listen-address=127.0.0.1:19090 >"$tmp/prometheus.log" 2>&1 &
     pids+=($!)
@@ -286,20 +327,24 @@ YML
         pids+=($!)
     fi
     sleep 5
-    : >"$tmp/results.txt"
-    while IFS= read -r e; do
-        ip netns exec "$ns" curl -sS -G --data-urlencode "query=$e" \
-            http://127.0.0.1:19090/api/v1/query >"$tmp/r.json"
-        printf '%s\t%s\n' "$(python3 -c 'import json,sys
+    # evaluate EXPRS RESULTS: each expression of the file EXPRS through the HTTP API, one
+    # line of RESULTS each: "error:..." / "0" (no series) / "nan" (series, every value
+    # NaN) / the number of series with a number, a tab, the expression.
+    evaluate() {
+        : >"$2"
+        while IFS= read -r e; do
+            ip netns exec "$ns" curl -sS -G --data-urlencode "query=$e" \
+                http://127.0.0.1:19090/api/v1/query >"$tmp/r.json"
+            printf '%s\t%s\n' "$(python3 -c 'import json,sys
 r=json.load(open(sys.argv[1]))
-# "error:..." / "0" (no series) / "nan" (series, every value NaN) / the number of series
-# with a number.
 if r["status"] != "success": print("error:" + r.get("error", ""))
 elif not r["data"]["result"]: print(0)
 else:
     n = sum(1 for x in r["data"]["result"] if x["value"][1].lower() != "nan")
-    print(n if n else "nan")' "$tmp/r.json")" "$e" >>"$tmp/results.txt"
-    done <"$tmp/exprs.txt"
+    print(n if n else "nan")' "$tmp/r.json")" "$e" >>"$2"
+        done <"$1"
+    }
+    evaluate "$tmp/exprs.txt" "$tmp/results.txt"
     errors=$(grep -c '^error:' "$tmp/results.txt" || true)
     empty=$(grep -c $'^0\t' "$tmp/results.txt" || true)
     nan=$(grep -c $'^nan\t' "$tmp/results.txt" || true)
@@ -315,6 +360,29 @@ else:
             fail "an exporter expression returned no data"
         fi
     fi
+    # The rules' expressions: only query errors fail. No data is expected and passes:
+    # most alerts select nothing while all is well, absent() is empty while the exporter
+    # is scraped, recording rules over 5m need more than these seconds of samples, and
+    # some families the rules use (node_*, service_flows_total, readers_stuck) may not be
+    # exposed by this exporter build.
+    evaluate "$tmp/rule_exprs.txt" "$tmp/rule_results.txt"
+    errors=$(grep -c '^error:' "$tmp/rule_results.txt" || true)
+    grep -v $'^[1-9][0-9]*\t' "$tmp/rule_results.txt" | sed 's/^/  /' || true
+    echo "$(wc -l <"$tmp/rule_results.txt") rule expressions of rules.yml evaluated: $errors errors" \
+        "(without series or only NaN: listed above; that is not a failure)"
+    [ "$errors" = 0 ] || fail "PromQL errors in rules.yml"
+    # And Prometheus's own evaluation of the loaded rules: every rule's health "ok".
+    ip netns exec "$ns" curl -fsS http://127.0.0.1:19090/api/v1/rules >"$tmp/rules.json"
+    python3 - "$tmp/rules.json" <<'PY' || fail "a rule of rules.yml failed in Prometheus"
+import json, sys
+groups = json.load(open(sys.argv[1]))["data"]["groups"]
+rules = [r for g in groups for r in g["rules"]]
+bad = [r for r in rules if r.get("health") == "err"]
+for r in bad:
+    print(f"  {r['name']}: {r.get('lastError')}")
+print(f"{len(rules)} rules loaded by Prometheus, {len(bad)} with an evaluation error")
+sys.exit(1 if bad or not rules else 0)
+PY
 else
     echo "skipped (needs root, ip, curl and the prometheus binary)"
 fi
