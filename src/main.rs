@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use conntrack_metrics::census::node_stats::NodeStats;
 use conntrack_metrics::census::{self, Census};
 use conntrack_metrics::config::Config;
 use conntrack_metrics::expo::http::{Endpoint, Limits, StopHandle};
@@ -396,10 +397,17 @@ fn serve(
     }
     let scrape_duration = metrics::histogram!(SCRAPE_DURATION);
     let readers_stuck = metrics::gauge!(READERS_STUCK);
+    // The node's conntrack counters and table size, read at each render.
+    let mut node_stats = NodeStats::open()
+        .map_err(|e| log!("warning: no node conntrack statistics ({e})"))
+        .ok();
     endpoint
         .run(
             &mut |format, out| {
                 readers_stuck.set(readers.stuck() as f64);
+                if let Some(node_stats) = node_stats.as_mut() {
+                    node_stats.publish();
+                }
                 let start = Instant::now();
                 exposition.render(format, out);
                 scrape_duration.record(start.elapsed().as_secs_f64());

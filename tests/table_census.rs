@@ -62,15 +62,7 @@ fn census_node_after(
     before: impl FnOnce(&VirtualNode),
 ) -> (VirtualNode, Started) {
     let mut vn = VirtualNode::new();
-    let node = vn.node.clone();
-    vn.exec(
-        &node,
-        &[
-            "sysctl",
-            "-qw",
-            "net.netfilter.nf_conntrack_udp_timeout=300",
-        ],
-    );
+    vn.keep_udp_flows();
     vn.nft(ruleset);
     let backend = vn.backend.clone();
     start_backend(&mut vn, &backend, UDP_BACKEND);

@@ -18,6 +18,8 @@
 //! keys of its Service flows (8 bytes each), or stops the exporter: a dump
 //! that fails is logged (the first failure, and the recovery) and counted.
 
+pub mod node_stats;
+
 use std::fmt;
 use std::io;
 use std::net::IpAddr;

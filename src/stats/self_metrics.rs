@@ -32,6 +32,24 @@ pub const TABLE_DUMPS: &str = "conntrack_monitoring_table_dumps_total";
 /// Event readers stuck on one batch for longer than the health limit, at
 /// the scrape (gauge).
 pub const READERS_STUCK: &str = "conntrack_monitoring_readers_stuck";
+/// Entries in the node's conntrack table, at the scrape (gauge).
+pub const NODE_ENTRIES: &str = "conntrack_monitoring_node_entries";
+/// The node's `nf_conntrack_max` (gauge).
+pub const NODE_ENTRIES_LIMIT: &str = "conntrack_monitoring_node_entries_limit";
+/// The node's per-CPU conntrack counters summed over CPUs (counters), in
+/// the order of `wire::stats::CPU_STATS`.
+pub const NODE_STAT_FAMILIES: [&str; 10] = [
+    "conntrack_monitoring_node_found_total",
+    "conntrack_monitoring_node_invalid_total",
+    "conntrack_monitoring_node_insert_total",
+    "conntrack_monitoring_node_insert_failed_total",
+    "conntrack_monitoring_node_drop_total",
+    "conntrack_monitoring_node_early_drop_total",
+    "conntrack_monitoring_node_error_total",
+    "conntrack_monitoring_node_search_restart_total",
+    "conntrack_monitoring_node_clash_resolve_total",
+    "conntrack_monitoring_node_chaintoolong_total",
+];
 /// Time to merge the shards and render one scrape (histogram).
 pub const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
 /// Connections the HTTP endpoint refused with 503 (counter, label `reason`).
@@ -69,7 +87,7 @@ pub struct FamilyDef {
 }
 
 /// The self-metric families, in render order.
-pub const FAMILIES: [FamilyDef; 11] = [
+pub const FAMILIES: [FamilyDef; 23] = [
     FamilyDef {
         name: READER_DATAGRAMS,
         kind: Kind::Counter,
@@ -110,6 +128,78 @@ pub const FAMILIES: [FamilyDef; 11] = [
         name: READERS_STUCK,
         kind: Kind::Gauge,
         help: "Event readers that have been on one batch for more than 5 s at this scrape (/healthz fails meanwhile); 0 normally",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_ENTRIES,
+        kind: Kind::Gauge,
+        help: "Entries in the node's conntrack table (what conntrack -C counts), read from ctnetlink at the scrape",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_ENTRIES_LIMIT,
+        kind: Kind::Gauge,
+        help: "The node's nf_conntrack_max: the table takes no new entry beyond it (early drops, then drops)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_STAT_FAMILIES[0],
+        kind: Kind::Counter,
+        help: "Conntrack lookups that found an entry, summed over CPUs (conntrack -S found)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_STAT_FAMILIES[1],
+        kind: Kind::Counter,
+        help: "Packets conntrack could not track (conntrack -S invalid): malformed, out of window, bad checksum",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_STAT_FAMILIES[2],
+        kind: Kind::Counter,
+        help: "Entries inserted into the conntrack table (conntrack -S insert)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_STAT_FAMILIES[3],
+        kind: Kind::Counter,
+        help: "Entries that could not be inserted (conntrack -S insert_failed): a clash between two packets of a new flow; their packets were dropped",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_STAT_FAMILIES[4],
+        kind: Kind::Counter,
+        help: "Packets dropped because the conntrack table was full and nothing could be evicted (conntrack -S drop)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_STAT_FAMILIES[5],
+        kind: Kind::Counter,
+        help: "Entries evicted early to make room in a full conntrack table (conntrack -S early_drop)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_STAT_FAMILIES[6],
+        kind: Kind::Counter,
+        help: "Packets that hit an ICMP error or other conntrack error (conntrack -S error)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_STAT_FAMILIES[7],
+        kind: Kind::Counter,
+        help: "Conntrack lookups restarted because the table changed under them (conntrack -S search_restart)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_STAT_FAMILIES[8],
+        kind: Kind::Counter,
+        help: "Insert clashes that conntrack resolved (conntrack -S clash_resolve)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: NODE_STAT_FAMILIES[9],
+        kind: Kind::Counter,
+        help: "Hash chains found too long, a sign of a hash-table attack (conntrack -S chaintoolong)",
         bounds: &[],
     },
     FamilyDef {

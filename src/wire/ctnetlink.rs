@@ -393,14 +393,7 @@ impl CtEvent {
             _ if header.flags & (NLM_F_CREATE | NLM_F_EXCL) != 0 => EventKind::New,
             _ => EventKind::Update,
         };
-        let body = msg.get(NLMSG_HDRLEN..).unwrap_or_default();
-        let Some((nfgen, attrs)) = body.split_first_chunk::<NFGENMSG_LEN>() else {
-            return Err(WireError::Truncated {
-                what: "nfgenmsg",
-                need: NFGENMSG_LEN,
-                have: body.len(),
-            });
-        };
+        let (nfgen, attrs) = split_nfgenmsg(msg)?;
         ev.reset(kind, nfgen[0]);
         Self::fill::<KERNEL_LAYOUT>(ev, attrs)
     }
@@ -461,23 +454,44 @@ impl CtEvent {
     }
 }
 
-/// Length of [`dump_request`]: a netlink header and a `struct nfgenmsg`.
+/// A netfilter message's `struct nfgenmsg` (family, version, res_id) and
+/// its attributes; `msg` is the whole message, header included.
+#[inline]
+pub(crate) fn split_nfgenmsg(msg: &[u8]) -> Result<(&[u8; NFGENMSG_LEN], &[u8]), WireError> {
+    let body = msg.get(NLMSG_HDRLEN..).unwrap_or_default();
+    body.split_first_chunk::<NFGENMSG_LEN>()
+        .ok_or(WireError::Truncated {
+            what: "nfgenmsg",
+            need: NFGENMSG_LEN,
+            have: body.len(),
+        })
+}
+
+/// Length of a ctnetlink request without attributes: a netlink header and
+/// a `struct nfgenmsg`.
 pub const DUMP_REQUEST_LEN: usize = NLMSG_HDRLEN + NFGENMSG_LEN;
 
-/// The request for every entry of the conntrack table of the socket's
-/// network namespace, both address families (`AF_UNSPEC`), numbered `seq`.
-/// The kernel answers with one `IPCTNL_MSG_CT_NEW` message per entry,
-/// carrying the attributes of an event, in parts flagged `NLM_F_MULTI`,
-/// then `NLMSG_DONE`.
-pub fn dump_request(seq: u32) -> [u8; DUMP_REQUEST_LEN] {
+/// A ctnetlink request of message type `msg` with `flags` (beside
+/// `NLM_F_REQUEST`), numbered `seq`, for both address families
+/// (`AF_UNSPEC`), with no attribute.
+pub fn request(msg: u16, flags: u16, seq: u32) -> [u8; DUMP_REQUEST_LEN] {
     let mut out = [0u8; DUMP_REQUEST_LEN];
-    let kind = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET;
+    let kind = NFNL_SUBSYS_CTNETLINK << 8 | msg;
     out[0..4].copy_from_slice(&(DUMP_REQUEST_LEN as u32).to_ne_bytes());
     out[4..6].copy_from_slice(&kind.to_ne_bytes());
-    out[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    out[6..8].copy_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
     out[8..12].copy_from_slice(&seq.to_ne_bytes());
     // pid 0: to the kernel. nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0.
     out
+}
+
+/// The request for every entry of the conntrack table of the socket's
+/// network namespace, both address families, numbered `seq`. The kernel
+/// answers with one `IPCTNL_MSG_CT_NEW` message per entry, carrying the
+/// attributes of an event, in parts flagged `NLM_F_MULTI`, then
+/// `NLMSG_DONE`.
+pub fn dump_request(seq: u32) -> [u8; DUMP_REQUEST_LEN] {
+    request(IPCTNL_MSG_CT_GET, NLM_F_DUMP, seq)
 }
 
 /// The fixed layouts the kernel writes for the common nests, matched at

@@ -16,6 +16,7 @@ pub mod capture;
 pub mod ctnetlink;
 pub mod netlink;
 pub mod nla;
+pub mod stats;
 
 #[cfg(test)]
 pub(crate) mod encode;

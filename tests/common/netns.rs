@@ -219,6 +219,13 @@ impl VirtualNode {
         self.exec(&self.node, &["conntrack", "-F"]);
     }
 
+    /// UDP flows in the node namespace last 300 s (until the test deletes
+    /// them), so the table holds still while a test reads it.
+    pub fn keep_udp_flows(&self) {
+        let key = "net.netfilter.nf_conntrack_udp_timeout=300";
+        self.exec(&self.node, &["sysctl", "-qw", key]);
+    }
+
     /// Loads an nftables ruleset (nft -f syntax) into the node namespace.
     pub fn nft(&self, ruleset: &str) {
         let mut child = Command::new("ip")
