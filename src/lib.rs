@@ -12,7 +12,8 @@
 //! `offload` pushes the flow layer's rules into the kernel (a socket
 //! filter, an event mask); `census` dumps the kernel's conntrack table now
 //! and then (on a thread of its own), so readers drop flows whose DESTROY
-//! was lost and a too-narrow `--svc-subnet` shows; `service_names` reads
+//! was lost and a too-narrow `--svc-subnet` shows, and reads the node's
+//! conntrack statistics when a scrape renders; `service_names` reads
 //! the Services' names from kube-proxy's rules on the node (on a thread of
 //! its own); `config` turns flags into a validated [`config::Config`].
 //!

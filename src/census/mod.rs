@@ -1,5 +1,6 @@
 //! The census of the kernel's conntrack table: a dump of every entry, at
-//! start and then every `--table-dump-seconds`, on a thread of its own.
+//! start and then every `--table-dump-seconds`, on a thread of its own;
+//! and the table's statistics ([`node_stats`]), read when a scrape renders.
 //!
 //! Owns: the dump (its request, its answers, each receive bounded by a
 //! timeout) and what is read from it:
