@@ -31,6 +31,7 @@ use conntrack_metrics::stats::self_metrics::{READERS_STUCK, RECEIVE_BUFFER, SCRA
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::{Registry, SeriesKey, ShardSet};
 use conntrack_metrics::sys::local_addresses::local_addresses;
+use conntrack_metrics::sys::privileges;
 use conntrack_metrics::sys::signal::{self, Signal};
 use conntrack_metrics::sys::sysctl::{self, Outcome};
 use conntrack_metrics::sys::{ConntrackSocket, EventGroups};
@@ -45,6 +46,15 @@ fn main() -> ExitCode {
     }
     threads::report_reader_panics();
     let config = Config::parse_args();
+    // Before any thread or child starts, so that each inherits it.
+    match privileges::keep_only_net_admin() {
+        Ok(kept) if kept.net_admin => log!(
+            "capabilities: CAP_NET_ADMIN only (every other one dropped, {} from the bounding set)",
+            kept.bounding_dropped
+        ),
+        Ok(_) => log!("capabilities: none (CAP_NET_ADMIN was not granted)"),
+        Err(e) => log!("warning: could not drop capabilities: {e}"),
+    }
     match run(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -13,6 +13,7 @@ pub mod filter;
 pub mod local_addresses;
 pub mod memory;
 pub mod netlink;
+pub mod privileges;
 pub mod process;
 pub mod recv;
 pub mod signal;
