@@ -36,6 +36,26 @@ fn sets(status: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The threads of process `pid` and its children: name and status.
+fn tasks_of(pid: u32) -> Vec<(String, String)> {
+    let read = |path: String| std::fs::read_to_string(path).unwrap_or_default();
+    let mut tasks = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path().display().to_string();
+        tasks.push((
+            read(format!("{path}/comm")).trim().to_string(),
+            read(format!("{path}/status")),
+        ));
+    }
+    for child in read(format!("/proc/{pid}/task/{pid}/children")).split_whitespace() {
+        tasks.push((
+            read(format!("/proc/{child}/comm")).trim().to_string(),
+            read(format!("/proc/{child}/status")),
+        ));
+    }
+    tasks
+}
+
 #[test]
 fn after_start_only_cap_net_admin_is_left_everywhere() {
     if !kernel_tests_possible() {
@@ -54,27 +74,27 @@ fn after_start_only_cap_net_admin_is_left_everywhere() {
         .iter()
         .any(|(k, v)| k == "CapEff" && v != NET_ADMIN_ONLY));
 
-    let mut tasks = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let path = task.unwrap().path();
-        let name = std::fs::read_to_string(path.join("comm")).unwrap();
-        tasks.push((
-            name.trim().to_string(),
-            std::fs::read_to_string(path.join("status")).unwrap(),
-        ));
-    }
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-    for child in children.split_whitespace() {
-        let name = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap();
-        tasks.push((
-            name.trim().to_string(),
-            std::fs::read_to_string(format!("/proc/{child}/status")).unwrap(),
-        ));
-    }
-    let names: Vec<&str> = tasks.iter().map(|(n, _)| n.as_str()).collect();
-    for expected in ["ct-reader-0", "ct-census", "ct-signals", "nft"] {
-        assert!(names.contains(&expected), "{expected} among {names:?}");
-    }
+    // A thread names itself once it runs: wait until every one has.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let tasks = loop {
+        let tasks = tasks_of(pid);
+        let names: Vec<&str> = tasks.iter().map(|(n, _)| n.as_str()).collect();
+        let missing: Vec<&str> = [
+            "ct-reader-0",
+            "ct-census",
+            "ct-signals",
+            "ct-service-name",
+            "nft",
+        ]
+        .into_iter()
+        .filter(|n| !names.contains(n))
+        .collect();
+        if missing.is_empty() {
+            break tasks;
+        }
+        assert!(Instant::now() < deadline, "{missing:?} not among {names:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
     for (name, status) in &tasks {
         for (set, value) in sets(status) {
             let want = match set.as_str() {
