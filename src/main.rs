@@ -27,7 +27,9 @@ use conntrack_metrics::offload::socket_filter::SocketFilters;
 use conntrack_metrics::reader::threads::{self, ReaderPlan, Readers};
 use conntrack_metrics::reader::{ignores_event_stamps, wall_clock_ns, ReaderOptions};
 use conntrack_metrics::service_names::ServiceNames;
-use conntrack_metrics::stats::self_metrics::{READERS_STUCK, RECEIVE_BUFFER, SCRAPE_DURATION};
+use conntrack_metrics::stats::self_metrics::{
+    EVENT_MASK_HELD, READERS_STUCK, RECEIVE_BUFFER, SCRAPE_DURATION,
+};
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::{Registry, SeriesKey, ShardSet};
 use conntrack_metrics::sys::local_addresses::local_addresses;
@@ -67,7 +69,7 @@ fn main() -> ExitCode {
 fn run(config: &Config) -> io::Result<()> {
     let registry = metrics_registry(config)?;
     conntrack_sysctls(config)?;
-    let event_mask = event_mask(config)?;
+    let mut event_mask = event_mask(config)?;
     let (sockets, kernel_filtered) = subscribe(config)?;
     if ignores_event_stamps() {
         log!(
@@ -96,7 +98,7 @@ fn run(config: &Config) -> io::Result<()> {
         stop_all.clone(),
     )?;
     table_census(config, mailboxes, readers_stop.clone());
-    let served = serve(config, registry, endpoint, &readers);
+    let served = serve(config, registry, endpoint, &readers, event_mask.as_mut());
     // The endpoint only stops when a reader has stopped, or all are stopping.
     stop_all();
     let outcome = served.and(readers.join());
@@ -394,6 +396,7 @@ fn serve(
     registry: Arc<Registry>,
     endpoint: Endpoint,
     readers: &Readers,
+    mut event_mask: Option<&mut EventMask>,
 ) -> io::Result<()> {
     log!("serving /metrics on {}", endpoint.local_addr());
     let options = ScrapeOptions {
@@ -407,6 +410,10 @@ fn serve(
     }
     let scrape_duration = metrics::histogram!(SCRAPE_DURATION);
     let readers_stuck = metrics::gauge!(READERS_STUCK);
+    let mask_held = event_mask
+        .is_some()
+        .then(|| metrics::gauge!(EVENT_MASK_HELD));
+    let mut mask_lost_logged = false;
     // The node's conntrack counters and table size, read at each render.
     let mut node_stats = NodeStats::open()
         .map_err(|e| log!("warning: no node conntrack statistics ({e})"))
@@ -415,6 +422,17 @@ fn serve(
         .run(
             &mut |format, out| {
                 readers_stuck.set(readers.stuck() as f64);
+                if let (Some(mask), Some(gauge)) = (event_mask.as_deref_mut(), &mask_held) {
+                    let held = mask.held();
+                    gauge.set(if held { 1.0 } else { 0.0 });
+                    if !held && !mask_lost_logged {
+                        log!(
+                            "warning: --event-mask: the nft -i child holding table {} is gone,                              and the table with it: the kernel builds every event again",
+                            mask.table()
+                        );
+                        mask_lost_logged = true;
+                    }
+                }
                 if let Some(node_stats) = node_stats.as_mut() {
                     node_stats.publish();
                 }

@@ -199,6 +199,7 @@ const ADDED_SINCE: &[&str] = &[
     "conntrack_monitoring_service_flows",
     "conntrack_monitoring_readers_stuck",
     "conntrack_monitoring_node_",
+    "conntrack_monitoring_event_mask_held",
     "conntrack_monitoring_http_connections_refused",
     "conntrack_monitoring_service_names",
     "conntrack_monitoring_service_name_errors",

@@ -440,6 +440,45 @@ fn a_killed_exporters_table_goes_with_it() {
 }
 
 #[test]
+fn an_owner_killed_on_its_own_is_seen_and_said() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut vn = VirtualNode::new();
+    const PORT: u16 = 9142;
+    let started = start_with_env(&mut vn, PORT, &[], &["--event-mask"]);
+    let table = own_table(&started);
+    let held = "conntrack_monitoring_event_mask_held{node=\"n1\"}";
+    let (_, text) = get(&vn, PORT, "/metrics", None);
+    assert_eq!(value(&text, held), 1.0);
+    // Someone kills the nft -i child alone: the table goes with it.
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", started.pid)).unwrap();
+    let nft = children
+        .split_whitespace()
+        .next()
+        .expect("the nft -i child");
+    run(&["kill", "-KILL", nft]);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        // The render cache may hold a body up to 250 ms old.
+        std::thread::sleep(Duration::from_millis(300));
+        let (_, text) = get(&vn, PORT, "/metrics", None);
+        if value(&text, held) == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still held after its owner was killed"
+        );
+    }
+    assert!(!listed(&vn, &table), "{}", tables(&vn));
+    let said = started.later.lock().unwrap().clone();
+    let warnings: Vec<_> = said.iter().filter(|l| l.contains("is gone")).collect();
+    assert_eq!(warnings.len(), 1, "{said:#?}");
+}
+
+#[test]
 fn the_legacy_table_is_removed_at_start_with_or_without_the_flag() {
     if !kernel_tests_possible() {
         return;

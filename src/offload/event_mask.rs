@@ -235,6 +235,16 @@ impl EventMask {
         &self.table
     }
 
+    /// Whether the `nft -i` child that owns the table still runs, so the
+    /// table and the mask are there. A child that was killed on its own took
+    /// the table with it: the kernel builds every event again. One
+    /// `waitpid(WNOHANG)`.
+    pub fn held(&mut self) -> bool {
+        self.owner
+            .as_mut()
+            .is_some_and(|owner| matches!(owner.child.try_wait(), Ok(None)))
+    }
+
     /// Ends the `nft -i` child now and checks that the kernel deleted the
     /// table (also what dropping it does, errors ignored).
     pub fn remove(mut self) -> Result<(), EventMaskError> {

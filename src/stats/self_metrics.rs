@@ -50,6 +50,9 @@ pub const NODE_STAT_FAMILIES: [&str; 10] = [
     "conntrack_monitoring_node_clash_resolve_total",
     "conntrack_monitoring_node_chaintoolong_total",
 ];
+/// With `--event-mask`: 1 while this exporter's table is held, 0 once its
+/// `nft -i` owner is gone (gauge).
+pub const EVENT_MASK_HELD: &str = "conntrack_monitoring_event_mask_held";
 /// Time to merge the shards and render one scrape (histogram).
 pub const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
 /// Connections the HTTP endpoint refused with 503 (counter, label `reason`).
@@ -87,7 +90,7 @@ pub struct FamilyDef {
 }
 
 /// The self-metric families, in render order.
-pub const FAMILIES: [FamilyDef; 23] = [
+pub const FAMILIES: [FamilyDef; 24] = [
     FamilyDef {
         name: READER_DATAGRAMS,
         kind: Kind::Counter,
@@ -200,6 +203,12 @@ pub const FAMILIES: [FamilyDef; 23] = [
         name: NODE_STAT_FAMILIES[9],
         kind: Kind::Counter,
         help: "Hash chains found too long, a sign of a hash-table attack (conntrack -S chaintoolong)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: EVENT_MASK_HELD,
+        kind: Kind::Gauge,
+        help: "With --event-mask: 1 while this exporter's nftables table is held by its nft -i child, 0 once that child is gone (and the table and the mask with it)",
         bounds: &[],
     },
     FamilyDef {
