@@ -20,33 +20,29 @@
 //! that fails is logged (the first failure, and the recovery) and counted.
 
 pub mod node_stats;
+mod requests;
 
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use crate::flow::{wall_clock_ns, FlowTracker, LiveFlows, ServiceFilter, Subnet};
 use crate::stats::self_metrics::{DNAT_OUTSIDE, TABLE_DUMPS};
-use crate::sys::table_dump::TableDumpSocket;
 use crate::wire::ctnetlink::dump_request;
-use crate::wire::netlink::{NetlinkHeader, NLM_F_DUMP_INTR};
-use crate::wire::nla::align4;
-use crate::wire::{CtEvent, EventKind, Message, Status};
+use crate::wire::netlink::NLM_F_DUMP_INTR;
+use crate::wire::{CtEvent, EventKind, Status};
+
+use requests::Requests;
 
 /// How long one receive of a dump may wait for the kernel (a dump of a
 /// million entries takes about a second in all, its parts milliseconds).
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The receive buffer: the kernel sizes a dump's parts after the reader's
-/// buffer, up to 32 KiB, and never sends one larger than this.
-const DUMP_BUFFER: usize = 64 * 1024;
-
 /// What one dump found.
 #[derive(Debug)]
 pub struct Tally {
-    /// Entries in the table (both families, every zone).
-    pub entries: u64,
     /// The Service flows alive, as flow keys.
     pub live: LiveFlows,
     /// DNAT'd flows to destinations outside every service subnet.
@@ -165,12 +161,15 @@ impl std::error::Error for CensusError {}
 
 /// Dumps the table and reads it: one per exporter.
 pub struct Census {
-    socket: TableDumpSocket,
+    requests: Requests,
+    classify: Classify,
+}
+
+/// What the census reads of each entry.
+struct Classify {
     filter: ServiceFilter,
     services: Vec<Subnet>,
     local: Vec<IpAddr>,
-    buf: Vec<u8>,
-    seq: u32,
 }
 
 impl Census {
@@ -179,57 +178,41 @@ impl Census {
     /// one of them is a NodePort or host port, not a missed Service).
     pub fn new(services: &[Subnet], excluded: &[Subnet], local: Vec<IpAddr>) -> io::Result<Census> {
         Ok(Census {
-            socket: TableDumpSocket::open(RECEIVE_TIMEOUT)?,
-            filter: ServiceFilter::new(services.to_vec(), excluded.to_vec()),
-            services: services.to_vec(),
-            local,
-            buf: vec![0; DUMP_BUFFER],
-            seq: 0,
+            requests: Requests::open(RECEIVE_TIMEOUT)?,
+            classify: Classify {
+                filter: ServiceFilter::new(services.to_vec(), excluded.to_vec()),
+                services: services.to_vec(),
+                local,
+            },
         })
     }
 
     /// Dumps the table; `now_ns` is the wall clock before the request.
     pub fn take(&mut self, now_ns: u64) -> Result<Tally, CensusError> {
-        self.seq = self.seq.wrapping_add(1);
-        self.socket
-            .send(&dump_request(self.seq))
-            .map_err(CensusError::Io)?;
         let mut keys = Vec::new();
         let mut outside = Outside::default();
-        let (mut entries, mut interrupted) = (0u64, false);
+        let mut interrupted = false;
         let mut ev = CtEvent::empty(EventKind::New, 0);
-        loop {
-            let len = self.socket.recv(&mut self.buf).map_err(CensusError::Io)?;
-            let mut rest = &self.buf[..len];
-            while !rest.is_empty() {
-                let (header, msg) = NetlinkHeader::parse(rest).map_err(CensusError::Malformed)?;
-                rest = rest.get(align4(msg.len())..).unwrap_or_default();
-                if header.seq != self.seq {
-                    continue; // the rest of an earlier, timed-out dump
-                }
-                interrupted |= header.flags & NLM_F_DUMP_INTR != 0;
-                match Message::parse_into(msg, &mut ev).map_err(CensusError::Malformed)? {
-                    Message::Event(()) => {
-                        entries += 1;
-                        self.count(&ev, &mut keys, &mut outside);
-                    }
-                    Message::Done => {
-                        return Ok(Tally {
-                            entries,
-                            live: LiveFlows::new(keys, now_ns),
-                            outside,
-                            interrupted,
-                        })
-                    }
-                    Message::Error { errno } => return Err(CensusError::Refused(errno)),
-                    Message::Ack | Message::Overrun | Message::Other { .. } => {}
-                }
+        let classify = &self.classify;
+        self.requests.ask(dump_request, |header, msg| {
+            interrupted |= header.flags & NLM_F_DUMP_INTR != 0;
+            if CtEvent::is_event_type(header.kind) {
+                CtEvent::parse_into(msg, &mut ev).map_err(CensusError::Malformed)?;
+                classify.entry(&ev, &mut keys, &mut outside);
             }
-        }
+            Ok(ControlFlow::Continue(()))
+        })?;
+        Ok(Tally {
+            live: LiveFlows::new(keys, now_ns),
+            outside,
+            interrupted,
+        })
     }
+}
 
+impl Classify {
     /// One entry: a Service flow's key, or a DNAT'd flow outside.
-    fn count(&self, ev: &CtEvent, keys: &mut Vec<u64>, outside: &mut Outside) {
+    fn entry(&self, ev: &CtEvent, keys: &mut Vec<u64>, outside: &mut Outside) {
         if self.filter.to_service(ev) {
             keys.extend(FlowTracker::key_of(ev));
             return;
@@ -274,7 +257,7 @@ pub fn run(mut census: Census, interval: Duration, mut deliver: impl FnMut(LiveF
                 ever.flows = tally.outside.flows;
                 let prefixes = ever.prefixes();
                 if ever.flows > 0 && prefixes != named {
-                    if let Some(hint) = ever.hint(&census.services) {
+                    if let Some(hint) = ever.hint(&census.classify.services) {
                         crate::log!("hint: {hint}");
                     }
                     named = prefixes;

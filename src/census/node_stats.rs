@@ -15,18 +15,17 @@
 //! and no series.
 
 use std::io;
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use crate::stats::self_metrics::{NODE_ENTRIES, NODE_ENTRIES_LIMIT, NODE_STAT_FAMILIES};
-use crate::sys::table_dump::TableDumpSocket;
 use crate::wire::netlink::NetlinkHeader;
-use crate::wire::nla::align4;
 use crate::wire::stats::{
     cpu_stats_request, global_stats_request, StatsAttrs, CPU_STATS, GLOBAL_ENTRIES,
     GLOBAL_MAX_ENTRIES, IPCTNL_MSG_CT_GET_STATS, IPCTNL_MSG_CT_GET_STATS_CPU,
 };
-use crate::wire::{CtEvent, EventKind, Message};
 
+use super::requests::Requests;
 use super::CensusError;
 
 /// How long one receive may wait for the kernel: a scrape waits for it.
@@ -39,18 +38,14 @@ pub struct NodeConntrack {
     pub entries: Option<u64>,
     /// `nf_conntrack_max`, if the kernel said (Linux 4.20+).
     pub limit: Option<u64>,
-    /// Each of [`CPU_STATS`], summed over the CPUs, as the kernel's
-    /// 32-bit counters stand now.
+    /// Each of [`CPU_STATS`], summed over the CPUs, wraps of the kernel's
+    /// 32-bit counters included since the first read.
     pub counters: [u64; CPU_STATS.len()],
-    /// CPUs that answered.
-    pub cpus: usize,
 }
 
 /// Reads the node's conntrack statistics and exposes them.
 pub struct NodeStats {
-    socket: TableDumpSocket,
-    buf: Vec<u8>,
-    seq: u32,
+    requests: Requests,
     /// Each CPU's last counters, and what they added up to so far.
     last: Vec<Option<[u32; CPU_STATS.len()]>>,
     totals: [u64; CPU_STATS.len()],
@@ -69,9 +64,7 @@ impl NodeStats {
     /// A reader with a socket of its own.
     pub fn open() -> io::Result<NodeStats> {
         Ok(NodeStats {
-            socket: TableDumpSocket::open(RECEIVE_TIMEOUT)?,
-            buf: vec![0; 64 * 1024],
-            seq: 0,
+            requests: Requests::open(RECEIVE_TIMEOUT)?,
             last: Vec::new(),
             totals: [0; CPU_STATS.len()],
             handles: None,
@@ -81,65 +74,31 @@ impl NodeStats {
 
     /// Asks the kernel for the counters and the entry count.
     pub fn read(&mut self) -> Result<NodeConntrack, CensusError> {
-        let mut out = NodeConntrack::default();
-        self.seq = self.seq.wrapping_add(1);
-        self.socket
-            .send(&cpu_stats_request(self.seq))
-            .map_err(CensusError::Io)?;
         let mut per_cpu = Vec::new();
-        self.answers(IPCTNL_MSG_CT_GET_STATS_CPU, |stats| {
-            let values = CPU_STATS.map(|(attr, _)| stats.get(attr).unwrap_or(0));
-            per_cpu.push((stats.cpu, values));
-        })?;
-        for &(_, values) in &per_cpu {
-            for (sum, v) in out.counters.iter_mut().zip(values) {
-                *sum += u64::from(v);
+        self.requests.ask(cpu_stats_request, |header, msg| {
+            if let Some(stats) = stats_of(header, msg, IPCTNL_MSG_CT_GET_STATS_CPU)? {
+                per_cpu.push((
+                    stats.cpu,
+                    CPU_STATS.map(|(attr, _)| stats.get(attr).unwrap_or(0)),
+                ));
             }
-        }
-        out.cpus = per_cpu.len();
+            Ok(ControlFlow::Continue(()))
+        })?;
         self.accumulate(&per_cpu);
-        self.seq = self.seq.wrapping_add(1);
-        self.socket
-            .send(&global_stats_request(self.seq))
-            .map_err(CensusError::Io)?;
-        self.answers(IPCTNL_MSG_CT_GET_STATS, |stats| {
+        let mut out = NodeConntrack {
+            counters: self.totals,
+            ..NodeConntrack::default()
+        };
+        self.requests.ask(global_stats_request, |header, msg| {
+            let Some(stats) = stats_of(header, msg, IPCTNL_MSG_CT_GET_STATS)? else {
+                return Ok(ControlFlow::Continue(()));
+            };
             out.entries = stats.get(GLOBAL_ENTRIES).map(u64::from);
             out.limit = stats.get(GLOBAL_MAX_ENTRIES).map(u64::from);
+            // Not a dump: this one message is the answer.
+            Ok(ControlFlow::Break(()))
         })?;
         Ok(out)
-    }
-
-    /// Receives the answers to request `self.seq` until its end: a dump's
-    /// `NLMSG_DONE`, or the one answer of a request that is not a dump.
-    fn answers(&mut self, msg: u16, mut each: impl FnMut(&StatsAttrs)) -> Result<(), CensusError> {
-        let dump = msg == IPCTNL_MSG_CT_GET_STATS_CPU;
-        let mut ev = CtEvent::empty(EventKind::New, 0);
-        loop {
-            let len = self.socket.recv(&mut self.buf).map_err(CensusError::Io)?;
-            let mut rest = &self.buf[..len];
-            while !rest.is_empty() {
-                let (header, m) = NetlinkHeader::parse(rest).map_err(CensusError::Malformed)?;
-                rest = rest.get(align4(m.len())..).unwrap_or_default();
-                if header.seq != self.seq {
-                    continue; // the rest of an earlier, timed-out request
-                }
-                if StatsAttrs::is_stats_type(header.kind) {
-                    let stats = StatsAttrs::parse(m).map_err(CensusError::Malformed)?;
-                    if stats.msg == msg {
-                        each(&stats);
-                        if !dump {
-                            return Ok(());
-                        }
-                    }
-                    continue;
-                }
-                match Message::parse_into(m, &mut ev).map_err(CensusError::Malformed)? {
-                    Message::Done => return Ok(()),
-                    Message::Error { errno } => return Err(CensusError::Refused(errno)),
-                    _ => {}
-                }
-            }
-        }
     }
 
     /// Adds each CPU's increase since the last read to the totals (a
@@ -178,7 +137,7 @@ impl NodeStats {
                 if let Some(limit) = node.limit {
                     handles.limit.set(limit as f64);
                 }
-                for (counter, total) in handles.counters.iter().zip(self.totals) {
+                for (counter, total) in handles.counters.iter().zip(node.counters) {
                     counter.absolute(total);
                 }
             }
@@ -198,6 +157,19 @@ impl NodeStats {
             }
         }
     }
+}
+
+/// The statistics message `msg` of type `kind`, if that is what it is.
+fn stats_of(
+    header: &NetlinkHeader,
+    msg: &[u8],
+    kind: u16,
+) -> Result<Option<StatsAttrs>, CensusError> {
+    if !StatsAttrs::is_stats_type(header.kind) {
+        return Ok(None);
+    }
+    let stats = StatsAttrs::parse(msg).map_err(CensusError::Malformed)?;
+    Ok((stats.msg == kind).then_some(stats))
 }
 
 #[cfg(test)]
