@@ -18,8 +18,8 @@
 //! its own); `config` turns flags into a validated [`config::Config`].
 //!
 //! Layers, each using only those below it (`tests/layers.rs`): `sys`,
-//! `wire` and `stats` use no other; `service_names` uses `stats`; `flow`
-//! uses `wire`, `stats`, `sys`; `offload` uses `wire`, `flow`, `sys`;
+//! `wire` and `stats` use no other; `flow` uses `wire`, `stats`, `sys`;
+//! `service_names` uses `flow`, `stats`; `offload` uses `wire`, `flow`, `sys`;
 //! `reader` uses `sys`, `wire`, `flow`, `stats`; `census` uses `sys`,
 //! `wire`, `flow`, `stats`; `expo` uses `stats`, `sys`; `config` uses
 //! `flow`.

@@ -479,7 +479,7 @@ impl KeyLabels for ServiceLabels {
             }
         }
         if let Some(names) = &self.names {
-            let name = key.and_then(|k| names.lookup(k.addr, k.port, k.proto));
+            let name = key.and_then(|k| names.lookup(k));
             let (namespace, service) =
                 name.map_or_else(Default::default, |n| (n.namespace, n.name));
             out.push(("namespace", namespace));

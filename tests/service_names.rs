@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::netns::{in_netns, kernel_tests_possible, VirtualNode};
-use conntrack_metrics::service_names::{read_rules, ServiceNames, SourceRead, SCTP, TCP, UDP};
+use conntrack_metrics::service_names::{
+    read_rules, ServiceKey, ServiceNames, SourceRead, SCTP, TCP, UDP,
+};
 use conntrack_metrics::stats::self_metrics::{SeriesValue, SERVICE_NAMES, SERVICE_NAME_ERRORS};
 use conntrack_metrics::stats::shard::ShardSet;
 use conntrack_metrics::stats::summary::SummaryWindow;
@@ -243,7 +245,11 @@ fn start_names_services_before_it_returns_and_counts_problems() {
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     let found = |addr: &str, port, proto| {
         names
-            .lookup(ip(addr), port, proto)
+            .lookup(ServiceKey {
+                addr: ip(addr),
+                port,
+                proto,
+            })
             .map(|n| format!("{}/{}", n.namespace, n.name))
     };
     assert_eq!(

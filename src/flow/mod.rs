@@ -15,7 +15,7 @@ pub mod table;
 pub mod tracker;
 
 pub use live::LiveFlows;
-pub use services::{ServiceBudget, ServiceKey, ServiceSlots};
+pub use services::{ServiceBudget, ServiceKey, ServiceSlots, SCTP, TCP, UDP};
 pub use share::{BadShare, ReaderShare};
 pub use subnet::Subnet;
 pub use tracker::{tracker_may_use, FlowTracker, KernelFiltered, ServiceFilter};

@@ -12,13 +12,26 @@
 //! event (a lookup is one probe sequence in a small index; the idle sweep
 //! runs at most once a second, off the per-event path).
 
+use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 
 use super::table::backward_shift_delete;
 use crate::stats::{BlockId, BlockLabels, SeriesKey, ShardSet, ShardWriter};
 
-/// A Service as the kernel sees it: the original destination of its flows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// `IPPROTO_TCP`.
+pub const TCP: u8 = 6;
+/// `IPPROTO_UDP`.
+pub const UDP: u8 = 17;
+/// `IPPROTO_SCTP`.
+pub const SCTP: u8 = 132;
+
+/// The protocols a Service can have, and their names (as the `protocol`
+/// label, kube-proxy's rules and nft write them).
+const PROTOCOLS: [(u8, &str); 3] = [(TCP, "tcp"), (UDP, "udp"), (SCTP, "sctp")];
+
+/// A Service as the kernel sees it, and as kube-proxy translates it: the
+/// original destination of its flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     /// Its address (the ClusterIP).
     pub addr: IpAddr,
@@ -67,14 +80,21 @@ impl ServiceKey {
         })
     }
 
-    /// The protocol's label value.
+    /// The protocol's label value: `tcp`, `udp`, `sctp`, else `other`.
     pub fn protocol_name(proto: u8) -> &'static str {
-        match proto {
-            6 => "tcp",
-            17 => "udp",
-            132 => "sctp",
-            _ => "other",
-        }
+        PROTOCOLS
+            .iter()
+            .find(|(p, _)| *p == proto)
+            .map_or("other", |(_, name)| name)
+    }
+
+    /// The protocol written as a name (`tcp`) or a number (`6`), if it is
+    /// one a Service can have.
+    pub fn protocol_number(text: &str) -> Option<u8> {
+        PROTOCOLS
+            .iter()
+            .find(|(p, name)| *name == text || p.to_string() == text)
+            .map(|(p, _)| *p)
     }
 
     #[inline]
@@ -93,6 +113,17 @@ pub fn label_overflow_blocks(shards: &ShardSet) {
         if let Some(mut writer) = shards.writer(index) {
             writer.relabel(BlockId::NODE, Some(BlockLabels::Key(OVERFLOW)));
         }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    /// `10.96.0.10:53/udp`, `[fd00::a]:443/tcp`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/", self.port)?,
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/", self.port)?,
+        }
+        f.write_str(ServiceKey::protocol_name(self.proto))
     }
 }
 
@@ -265,6 +296,20 @@ mod tests {
             assert_eq!(ServiceKey::from_series_key(k.series_key()), Some(k));
         }
         assert_eq!(ServiceKey::from_series_key(OVERFLOW), None);
+        for (text, proto) in [
+            ("tcp", Some(TCP)),
+            ("17", Some(UDP)),
+            ("sctp", Some(SCTP)),
+            ("icmp", None),
+            ("1", None),
+        ] {
+            assert_eq!(ServiceKey::protocol_number(text), proto, "{text}");
+        }
+        assert_eq!(
+            svc("fd00::a", 3868, SCTP).to_string(),
+            "[fd00::a]:3868/sctp"
+        );
+        assert_eq!(svc("10.96.0.10", 53, 1).to_string(), "10.96.0.10:53/other");
         assert_ne!(
             svc("10.96.1.1", 80, 6).series_key(),
             svc("10.96.1.1", 80, 17).series_key()

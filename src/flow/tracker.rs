@@ -56,12 +56,9 @@ use std::net::IpAddr;
 
 use super::live::LiveFlows;
 use super::recent::RecentDestroys;
-use super::services::{ServiceBudget, ServiceKey, ServiceSlots};
+use super::services::{ServiceBudget, ServiceKey, ServiceSlots, TCP};
 use super::table::{FlowKey, FlowState, FlowTable, Inserted};
 use super::{ReaderShare, Subnet};
-
-/// `IPPROTO_TCP`.
-const TCP: u8 = 6;
 
 /// Which flows are Service flows.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -20,7 +20,7 @@
 use std::net::IpAddr;
 
 use super::nftables::protocol;
-use super::{valid_name, Parsed, ServiceAddr, ServiceName};
+use super::{valid_name, Parsed, ServiceKey, ServiceName};
 
 /// The chain kube-proxy dispatches Service traffic from.
 const CHAIN: &str = "KUBE-SERVICES";
@@ -76,7 +76,7 @@ pub fn parse_save(text: &str) -> (Parsed, bool) {
 
 /// A ClusterIP rule: `-d IP/32 -p PROTO … --dport PORT`, named by
 /// `NAMESPACE/NAME[:PORTNAME]`.
-fn parse_rule(tokens: &[String], comment: &str) -> Option<(ServiceAddr, ServiceName)> {
+fn parse_rule(tokens: &[String], comment: &str) -> Option<(ServiceKey, ServiceName)> {
     let service_port = comment.strip_suffix(CLUSTER_IP)?;
     if tokens.iter().any(|t| t == "!") {
         return None; // a negated match is not kube-proxy's
@@ -96,7 +96,14 @@ fn parse_rule(tokens: &[String], comment: &str) -> Option<(ServiceAddr, ServiceN
         namespace: namespace.to_string(),
         name: name.to_string(),
     };
-    Some((ServiceAddr { ip, port, proto }, name))
+    Some((
+        ServiceKey {
+            addr: ip,
+            port,
+            proto,
+        },
+        name,
+    ))
 }
 
 /// `IP`, `IP/32` or `IP/128`: one address, not a prefix.

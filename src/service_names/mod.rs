@@ -25,7 +25,6 @@ mod read;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -33,23 +32,7 @@ use crate::stats::self_metrics::{SERVICE_NAMES, SERVICE_NAME_ERRORS};
 
 pub use read::{read_rules, RulesRead, SourceRead, COMMAND_TIMEOUT};
 
-/// IP protocol numbers, as in [`ServiceAddr::proto`].
-pub const TCP: u8 = 6;
-/// UDP's protocol number.
-pub const UDP: u8 = 17;
-/// SCTP's protocol number.
-pub const SCTP: u8 = 132;
-
-/// A Service's ClusterIP, port and protocol: what kube-proxy translates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceAddr {
-    /// The ClusterIP.
-    pub ip: IpAddr,
-    /// The Service port.
-    pub port: u16,
-    /// The IP protocol number ([`TCP`], [`UDP`], [`SCTP`]).
-    pub proto: u8,
-}
+pub use crate::flow::{ServiceKey, SCTP, TCP, UDP};
 
 /// A Service's namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -58,22 +41,6 @@ pub struct ServiceName {
     pub namespace: String,
     /// Its name.
     pub name: String,
-}
-
-impl fmt::Display for ServiceAddr {
-    /// `10.96.0.10:53/udp`, `[fd00::a]:443/tcp`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.ip {
-            IpAddr::V4(ip) => write!(f, "{ip}:{}/", self.port)?,
-            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/", self.port)?,
-        }
-        match self.proto {
-            TCP => f.write_str("tcp"),
-            UDP => f.write_str("udp"),
-            SCTP => f.write_str("sctp"),
-            other => write!(f, "{other}"),
-        }
-    }
 }
 
 impl fmt::Display for ServiceName {
@@ -103,7 +70,7 @@ impl Source {
 }
 
 /// The names of one read: immutable, shared by the scrapes that read it.
-pub type NameTable = HashMap<ServiceAddr, ServiceName>;
+pub type NameTable = HashMap<ServiceKey, ServiceName>;
 
 /// The names the last read found, for the scrape to look up.
 #[derive(Debug, Default)]
@@ -136,8 +103,8 @@ impl ServiceNames {
 
     /// The Service at `ip`, `port`, `proto` (IP protocol number), if the
     /// last read named one.
-    pub fn lookup(&self, ip: IpAddr, port: u16, proto: u8) -> Option<ServiceName> {
-        self.table().get(&ServiceAddr { ip, port, proto }).cloned()
+    pub fn lookup(&self, key: ServiceKey) -> Option<ServiceName> {
+        self.table().get(&key).cloned()
     }
 
     /// The whole table of the last read: one lock for a scrape's many
@@ -244,7 +211,7 @@ impl Refresh {
 /// Parsed names of one command's output, with what was skipped.
 #[derive(Debug, Default)]
 struct Parsed {
-    names: Vec<(ServiceAddr, ServiceName)>,
+    names: Vec<(ServiceKey, ServiceName)>,
     malformed: u64,
     first_malformed: Option<String>,
 }
@@ -266,7 +233,7 @@ fn valid_name(s: &str) -> bool {
 
 /// Names as `ADDR NAMESPACE/NAME`, by address: what the tests compare.
 #[cfg(test)]
-fn described(names: &[(ServiceAddr, ServiceName)]) -> Vec<String> {
+fn described(names: &[(ServiceKey, ServiceName)]) -> Vec<String> {
     let mut sorted = names.to_vec();
     sorted.sort();
     sorted.iter().map(|(a, n)| format!("{a} {n}")).collect()
@@ -276,9 +243,9 @@ fn described(names: &[(ServiceAddr, ServiceName)]) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn addr(ip: &str, port: u16, proto: u8) -> ServiceAddr {
-        ServiceAddr {
-            ip: ip.parse().unwrap(),
+    fn addr(ip: &str, port: u16, proto: u8) -> ServiceKey {
+        ServiceKey {
+            addr: ip.parse().unwrap(),
             port,
             proto,
         }
@@ -291,7 +258,7 @@ mod tests {
         }
     }
 
-    fn source(source: Source, names: Vec<(ServiceAddr, ServiceName)>) -> SourceRead {
+    fn source(source: Source, names: Vec<(ServiceKey, ServiceName)>) -> SourceRead {
         SourceRead {
             source,
             names,
@@ -320,17 +287,16 @@ mod tests {
         };
         let names = ServiceNames::default();
         names.replace(merge(&read));
-        let ip: IpAddr = "10.96.0.10".parse().unwrap();
         assert_eq!(
-            names.lookup(ip, 53, UDP),
+            names.lookup(addr("10.96.0.10", 53, UDP)),
             Some(name("kube-system", "kube-dns"))
         );
         assert_eq!(
-            names.lookup(ip, 53, TCP),
+            names.lookup(addr("10.96.0.10", 53, TCP)),
             Some(name("kube-system", "kube-dns"))
         );
-        assert_eq!(names.lookup(ip, 53, SCTP), None);
-        assert_eq!(names.lookup(ip, 54, UDP), None);
+        assert_eq!(names.lookup(addr("10.96.0.10", 53, SCTP)), None);
+        assert_eq!(names.lookup(addr("10.96.0.10", 54, UDP)), None);
         assert_eq!(names.table().len(), 2);
         assert_eq!(
             described(&read.iptables.names),
@@ -339,11 +305,7 @@ mod tests {
                 "10.96.0.10:53/udp stale/left-over"
             ]
         );
-        let v6 = ServiceAddr {
-            ip: "fd00::a".parse().unwrap(),
-            port: 3868,
-            proto: SCTP,
-        };
+        let v6 = addr("fd00::a", 3868, SCTP);
         assert_eq!(v6.to_string(), "[fd00::a]:3868/sctp");
     }
 

@@ -31,7 +31,7 @@
 
 use std::net::IpAddr;
 
-use super::{valid_name, Parsed, ServiceAddr, ServiceName};
+use super::{valid_name, Parsed, ServiceKey, ServiceName};
 
 /// The elements of one `nft list map … service-ips` output.
 pub fn parse_service_ips(text: &str) -> Parsed {
@@ -78,7 +78,7 @@ fn split_elements(body: &str) -> Vec<&str> {
 }
 
 enum Element {
-    Named(ServiceAddr, ServiceName),
+    Named(ServiceKey, ServiceName),
     External,
     Malformed,
 }
@@ -116,7 +116,14 @@ fn parse_element(element: &str) -> Element {
         return Element::Malformed;
     };
     match service_of_chain(base, proto) {
-        Some(name) => Element::Named(ServiceAddr { ip, port, proto }, name),
+        Some(name) => Element::Named(
+            ServiceKey {
+                addr: ip,
+                port,
+                proto,
+            },
+            name,
+        ),
         None => Element::Malformed,
     }
 }
@@ -146,12 +153,7 @@ fn service_of_chain(base: &str, proto: u8) -> Option<ServiceName> {
 
 /// An IP protocol as nft prints it (a name, or a number it has none for).
 pub(super) fn protocol(text: &str) -> Option<u8> {
-    match text {
-        "tcp" | "6" => Some(6),
-        "udp" | "17" => Some(17),
-        "sctp" | "132" => Some(132),
-        _ => None,
-    }
+    ServiceKey::protocol_number(text)
 }
 
 #[cfg(test)]

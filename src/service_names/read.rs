@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::{iptables, nftables, Parsed, ServiceAddr, ServiceName, Source};
+use super::{iptables, nftables, Parsed, ServiceKey, ServiceName, Source};
 
 /// How long one command may take before it is killed and its read counted
 /// as failed.
@@ -27,7 +27,7 @@ pub struct SourceRead {
     /// Where the names come from.
     pub source: Source,
     /// The ClusterIPs named, in the order read.
-    pub names: Vec<(ServiceAddr, ServiceName)>,
+    pub names: Vec<(ServiceKey, ServiceName)>,
     /// Rules or map elements skipped as unreadable.
     pub malformed: u64,
     /// The first of them, for the log.
