@@ -256,6 +256,17 @@ print("done")
     )
 }
 
+/// A virtual node whose first backend answers at once and closes 400 ms
+/// later (SLOW_HTTP_BACKEND).
+fn slow_http_node() -> VirtualNode {
+    let mut vn = VirtualNode::new();
+    vn.short_timeouts();
+    vn.nft(RULESET);
+    let b1 = vn.backend.clone();
+    start_backend(&mut vn, &b1, SLOW_HTTP_BACKEND);
+    vn
+}
+
 /// Events of open flows are lost while an exporter is stopped (SIGSTOP) with
 /// a small receive buffer. Of those flows, none may be measured: a flow whose
 /// first reply was lost would otherwise take a later UPDATE (its closing, 400
@@ -266,11 +277,7 @@ fn lost_events_never_give_a_flow_a_latency_from_a_later_event() {
     if !kernel_tests_possible() {
         return;
     }
-    let mut vn = VirtualNode::new();
-    vn.short_timeouts();
-    vn.nft(RULESET);
-    let b1 = vn.backend.clone();
-    start_backend(&mut vn, &b1, SLOW_HTTP_BACKEND);
+    let mut vn = slow_http_node();
     // The reference (defaults), and one with a 256 KiB buffer (512 KiB
     // granted: a few hundred events) that reads as soon as it can.
     let _a = start(&mut vn, 9100, &[]);
@@ -350,11 +357,7 @@ fn events_dropped_unreported_while_congested_never_give_a_latency() {
     if !kernel_tests_possible() {
         return;
     }
-    let mut vn = VirtualNode::new();
-    vn.short_timeouts();
-    vn.nft(RULESET);
-    let b1 = vn.backend.clone();
-    start_backend(&mut vn, &b1, SLOW_HTTP_BACKEND);
+    let mut vn = slow_http_node();
     // 16 KiB asked, 32 KiB granted: a few dozen events.
     let _tiny = start(&mut vn, 9102, &["--rcvbuf-bytes", "16384"]);
     let client = vn.client.clone();

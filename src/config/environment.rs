@@ -61,7 +61,7 @@ pub(super) fn name_env_source(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::{env_lock, subnets};
+    use crate::config::tests::{defaults_config, env_lock, subnets};
     use crate::config::Config;
 
     #[test]
@@ -139,23 +139,14 @@ mod tests {
             print_events: true,
             rcvbuf_bytes: 8192,
             recv_batch: 16,
-            drain_delay_us: 1000,
-            reader_cpu: vec![],
-            readers: 1,
-            no_socket_filter: false,
-            event_mask: false,
             max_flows: 2048,
             metrics_bind_address: "127.0.0.1:9999".parse().unwrap(),
             node_name: "from-env".into(),
             summary_timeout: 3,
             stats_shards: 4,
             no_sysctl: true,
-            legacy_names: false,
-            table_dump_seconds: 300,
-            service_labels: false,
-            max_services: 200,
-            service_idle_minutes: 15,
-            service_names: false,
+            // What no variable set: the defaults.
+            ..defaults_config()
         };
         assert_eq!(from_env.unwrap(), env_config);
         assert_eq!(

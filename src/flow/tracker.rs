@@ -205,7 +205,6 @@ struct Ended {
     span: Option<(u64, u64)>,
     to: Counters,
     from: Counters,
-    tcp: bool,
     /// Ended by its DESTROY alone, in TCP state CLOSE (a reset).
     reset: bool,
     /// The block its observations go to: its Service's, or the node's.
@@ -224,11 +223,16 @@ impl Ended {
             span: ev.timestamp.and_then(|t| Some((t.start?, t.stop?))),
             to: ev.counters_orig.unwrap_or_default(),
             from: ev.counters_reply.unwrap_or_default(),
-            tcp: ev.orig.and_then(|t| t.proto) == Some(TCP),
             proto: ev.orig.and_then(|t| t.proto).unwrap_or(0),
             answered: ev.status.is_some_and(|s| s.has(Status::SEEN_REPLY)),
             reset: ev.tcp_state == Some(TcpState::CLOSE),
         }
+    }
+
+    /// Whether the flow is TCP.
+    #[inline]
+    fn tcp(&self) -> bool {
+        self.proto == TCP
     }
 }
 
@@ -635,7 +639,7 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
     }
     // Counted with the duration, so the outcomes add up to the flows
     // counted.
-    let outcome = match (end.answered, end.tcp) {
+    let outcome = match (end.answered, end.tcp()) {
         (true, true) if flow.closed_by_reset => Outcome::Reset,
         (true, _) => Outcome::Answered,
         (false, true) if end.from.packets.is_some_and(|p| p > 0) => Outcome::Refused,
@@ -667,7 +671,7 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
             None => shard.count(Counter::EventsOrderErrors, 1),
         }
     }
-    if let (Some(at), true, true, true) = (flow.fin_ns, flow.fin_complete, end.tcp, whole) {
+    if let (Some(at), true, true, true) = (flow.fin_ns, flow.fin_complete, end.tcp(), whole) {
         match at.checked_sub(start) {
             Some(l) => {
                 shard.observe_in(end.block, Series::FinLatency, l);
