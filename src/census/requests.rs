@@ -11,7 +11,7 @@ use std::io;
 use std::ops::ControlFlow;
 use std::time::Duration;
 
-use crate::sys::table_dump::TableDumpSocket;
+use crate::sys::request_socket::RequestSocket;
 use crate::wire::ctnetlink::DUMP_REQUEST_LEN;
 use crate::wire::netlink::{NetlinkHeader, NLMSG_DONE, NLMSG_ERROR};
 use crate::wire::nla::align4;
@@ -25,7 +25,7 @@ const BUFFER: usize = 64 * 1024;
 
 /// A socket for requests, one at a time.
 pub(super) struct Requests {
-    socket: TableDumpSocket,
+    socket: RequestSocket,
     buf: Vec<u8>,
     seq: u32,
 }
@@ -34,7 +34,7 @@ impl Requests {
     /// A socket whose every receive gives up after `timeout`.
     pub(super) fn open(timeout: Duration) -> io::Result<Requests> {
         Ok(Requests {
-            socket: TableDumpSocket::open(timeout)?,
+            socket: RequestSocket::open(timeout)?,
             buf: vec![0; BUFFER],
             seq: 0,
         })

@@ -1,5 +1,5 @@
 //! The operating-system side: the conntrack netlink socket and the batched
-//! receive from it, the socket of the table dumps, and the small syscalls
+//! receive from it, the socket of requests to ctnetlink, and the small syscalls
 //! around them.
 //!
 //! Owns: every `unsafe` block of the crate, each a small wrapper around one
@@ -16,9 +16,9 @@ pub mod netlink;
 pub mod privileges;
 pub mod process;
 pub mod recv;
+pub mod request_socket;
 pub mod signal;
 pub mod sysctl;
-pub mod table_dump;
 
 pub use netlink::{ConntrackSocket, EventGroups};
 pub use recv::{RecvBatch, RecvError};

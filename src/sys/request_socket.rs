@@ -1,11 +1,12 @@
-//! A `NETLINK_NETFILTER` socket for dumps of the conntrack table: requests
-//! out, the kernel's answers in, each receive bounded by a timeout.
+//! A `NETLINK_NETFILTER` socket for requests to ctnetlink (dumps of the
+//! conntrack table, its statistics): requests out, the kernel's answers
+//! in, each receive bounded by a timeout.
 //!
-//! Owns: the dump socket (joined to no multicast group, so only the
-//! answers to its own requests reach it) and its receive timeout.
+//! Owns: the socket (joined to no multicast group, so only the answers to
+//! its own requests reach it) and its receive timeout.
 //! Never: is used by a reader (a dump takes a lock per hash bucket in the
-//! kernel and its answers take milliseconds; it runs on a thread of its
-//! own), or parses what it receives (that is `wire/`).
+//! kernel and its answers take milliseconds), or parses what it receives
+//! (that is `wire/`).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -13,19 +14,19 @@ use std::time::Duration;
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
-/// The socket of the table dumps.
+/// A socket for requests to ctnetlink.
 ///
 /// It keeps netlink-sys' `Socket` (which closes its descriptor when
 /// dropped) and never clones it, so the descriptor has one owner.
-pub struct TableDumpSocket {
+pub struct RequestSocket {
     socket: Socket,
 }
 
-impl TableDumpSocket {
+impl RequestSocket {
     /// Opens the socket; every receive gives up after `timeout` without a
     /// datagram (`SO_RCVTIMEO`). Needs CAP_NET_ADMIN in the network
     /// namespace to be answered.
-    pub fn open(timeout: Duration) -> io::Result<TableDumpSocket> {
+    pub fn open(timeout: Duration) -> io::Result<RequestSocket> {
         let mut socket = Socket::new(NETLINK_NETFILTER)?;
         socket.bind_auto()?;
         let timeval = libc::timeval {
@@ -34,7 +35,7 @@ impl TableDumpSocket {
         };
         // SAFETY: a `timeval` holds no pointer.
         unsafe { super::set_socket_option(socket.as_raw_fd(), libc::SO_RCVTIMEO, &timeval)? };
-        Ok(TableDumpSocket { socket })
+        Ok(RequestSocket { socket })
     }
 
     /// Sends one request to the kernel.
