@@ -6,7 +6,7 @@
 //! memory is allocated before a reader starts.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use conntrack_metrics::census::{self, Census};
 use conntrack_metrics::config::Config;
 use conntrack_metrics::expo::http::{Endpoint, Limits, StopHandle};
 use conntrack_metrics::expo::scrape::{Exposition, KeyLabels, ScrapeOptions};
+use conntrack_metrics::expo::web_config::WebConfig;
 use conntrack_metrics::flow::services::label_overflow_blocks;
 use conntrack_metrics::flow::{
     FlowTracker, KernelFiltered, LiveFlows, ReaderShare, ServiceBudget, ServiceFilter, ServiceKey,
@@ -48,6 +49,15 @@ fn main() -> ExitCode {
     }
     threads::report_reader_panics();
     let config = Config::parse_args();
+    // A broken web configuration is a bad flag: exit 2 with the reason,
+    // before anything starts.
+    let web = match web_config(&config) {
+        Ok(web) => web,
+        Err(e) => {
+            log!("--web.config.file: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // Before any thread or child starts, so that each inherits it.
     match privileges::keep_only_net_admin() {
         Ok(kept) if kept.net_admin => log!(
@@ -57,7 +67,7 @@ fn main() -> ExitCode {
         Ok(_) => log!("capabilities: none (CAP_NET_ADMIN was not granted)"),
         Err(e) => log!("warning: could not drop capabilities: {e}"),
     }
-    match run(&config) {
+    match run(&config, web) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log!("{e}");
@@ -66,7 +76,25 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: &Config) -> io::Result<()> {
+/// The web configuration file, loaded and checked, with its path.
+fn web_config(config: &Config) -> Result<Option<(PathBuf, WebConfig)>, String> {
+    let Some(path) = &config.web_config_file else {
+        return Ok(None);
+    };
+    let web = WebConfig::load(path)?;
+    for w in &web.warnings {
+        log!("warning: --web.config.file: {w}");
+    }
+    log!(
+        "web configuration {}: TLS {}, {} user(s); read again on SIGHUP and when it changes",
+        path.display(),
+        if web.tls.is_some() { "on" } else { "off" },
+        web.users.len()
+    );
+    Ok(Some((path.clone(), web)))
+}
+
+fn run(config: &Config, web: Option<(PathBuf, WebConfig)>) -> io::Result<()> {
     let registry = metrics_registry(config)?;
     conntrack_sysctls(config)?;
     let mut event_mask = event_mask(config)?;
@@ -77,9 +105,10 @@ fn run(config: &Config) -> io::Result<()> {
              (CONNTRACK_METRICS_IGNORE_EVENT_STAMPS=1): latencies from receive times"
         );
     }
-    let (endpoint, endpoint_stop) = listen(config)?;
+    let (endpoint, endpoint_stop) = listen(config, web)?;
     let (plans, mailboxes) = reader_plans(config, sockets, kernel_filtered);
     let (polls, readers_stop) = threads::polls(plans.len())?;
+    let reload = endpoint_stop.clone();
     let stop_all = {
         let readers_stop = readers_stop.clone();
         move || {
@@ -87,7 +116,7 @@ fn run(config: &Config) -> io::Result<()> {
             endpoint_stop.stop();
         }
     };
-    stop_on_signals(stop_all.clone())?;
+    stop_on_signals(stop_all.clone(), move || reload.reload())?;
     let options = reader_options(config);
     let readers = Readers::start(
         &registry,
@@ -265,9 +294,12 @@ fn subscribe(config: &Config) -> io::Result<(Vec<(ConntrackSocket, ReaderShare)>
 }
 
 /// The HTTP listener, bound before any reader starts.
-fn listen(config: &Config) -> io::Result<(Endpoint, StopHandle)> {
+fn listen(
+    config: &Config,
+    web: Option<(PathBuf, WebConfig)>,
+) -> io::Result<(Endpoint, StopHandle)> {
     let address = config.metrics_bind_address;
-    Endpoint::bind(address, Limits::default())
+    Endpoint::bind_with(address, Limits::default(), web)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {address}: {e}")))
 }
 
@@ -361,17 +393,23 @@ fn reader_options(config: &Config) -> ReaderOptions {
 }
 
 /// SIGTERM, SIGINT: `stop` (the readers and the endpoint), from a thread of
-/// its own; `main` returns once they have. SIGHUP is logged and changes
-/// nothing: the configuration is the command line, which a running process
-/// cannot read again.
-fn stop_on_signals(stop: impl FnOnce() + Send + 'static) -> io::Result<()> {
+/// its own; `main` returns once they have. SIGHUP: `reload` (the web
+/// configuration file, which says whether there is one); the rest of the
+/// configuration is the command line, which a running process cannot read
+/// again.
+fn stop_on_signals(
+    stop: impl FnOnce() + Send + 'static,
+    reload: impl Fn() -> bool + Send + 'static,
+) -> io::Result<()> {
     std::thread::Builder::new()
         .name("ct-signals".into())
         .spawn(move || {
             loop {
                 match signal::wait_for_signal() {
+                    // The endpoint logs the reload's outcome.
+                    Ok(Signal::Hup) if reload() => {}
                     Ok(Signal::Hup) => {
-                        log!("SIGHUP: nothing to reload (the configuration is the command line); still running")
+                        log!("SIGHUP: nothing to reload (no --web.config.file; the rest of the configuration is the command line); still running")
                     }
                     Ok(signal) => {
                         log!("{}: stopping", signal.name());

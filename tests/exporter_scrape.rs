@@ -203,6 +203,9 @@ const ADDED_SINCE: &[&str] = &[
     "conntrack_monitoring_http_connections_refused",
     "conntrack_monitoring_service_names",
     "conntrack_monitoring_service_name_errors",
+    "conntrack_monitoring_http_tls_errors",
+    "conntrack_monitoring_http_auth",
+    "conntrack_monitoring_web_config_",
 ];
 
 /// The families, their HELP and TYPE lines and every label set are those

@@ -75,7 +75,10 @@ mod tests {
             if matches!(long, "help" | "version") {
                 continue;
             }
-            let want = format!("{ENV_PREFIX}{}", long.to_uppercase().replace('-', "_"));
+            let want = format!(
+                "{ENV_PREFIX}{}",
+                long.to_uppercase().replace(['-', '.'], "_")
+            );
             assert_eq!(
                 arg.get_env().and_then(|e| e.to_str()),
                 Some(want.as_str()),

@@ -230,6 +230,19 @@ pub(super) struct Flags {
     #[arg(long, value_name = "auto|off", env = "CONNTRACK_METRICS_SERVICE_NAMES",
           default_value = "auto", value_parser = ["auto", "off"])]
     pub(super) service_names: String,
+
+    /// TLS, basic authentication and response headers for the HTTP
+    /// endpoint, in the Prometheus exporter-toolkit's web configuration
+    /// format (the file node_exporter takes). Read again on SIGHUP and when
+    /// it, or a file it names, changes; a broken file at start is an error
+    /// (exit 2), later it is logged and the configuration in force kept.
+    #[arg(
+        long = "web.config.file",
+        alias = "web-config-file",
+        value_name = "PATH",
+        env = "CONNTRACK_METRICS_WEB_CONFIG_FILE"
+    )]
+    pub(super) web_config_file: Option<std::path::PathBuf>,
 }
 
 /// `--svc-subnet` / `--exclude-subnet` values: the subnet parser's reason
@@ -282,6 +295,7 @@ mod tests {
             "--service-idle-minutes",
             "60",
             "--service-names=off",
+            "--web.config.file=/etc/conntrack-metrics/web.yml",
         ])
         .unwrap();
         assert_eq!(
@@ -309,6 +323,7 @@ mod tests {
                 max_services: 3,
                 service_idle_minutes: 60,
                 service_names: false,
+                web_config_file: Some("/etc/conntrack-metrics/web.yml".into()),
             }
         );
     }

@@ -115,6 +115,8 @@ pub struct Config {
     /// `--service-names auto`: read names from kube-proxy's rules (only
     /// with `service_labels`).
     pub service_names: bool,
+    /// `--web.config.file`: the web configuration (TLS, users, headers).
+    pub web_config_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -207,6 +209,7 @@ impl Config {
             max_services,
             service_idle_minutes,
             service_names,
+            web_config_file,
         } = flags;
         Ok(Config {
             svc_subnets,
@@ -231,6 +234,7 @@ impl Config {
             max_services,
             service_idle_minutes,
             service_names: service_labels && service_names == "auto",
+            web_config_file,
         })
     }
 }
@@ -285,6 +289,7 @@ mod tests {
             max_services: 200,
             service_idle_minutes: 15,
             service_names: false,
+            web_config_file: None,
         }
     }
 

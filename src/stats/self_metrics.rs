@@ -57,6 +57,15 @@ pub const EVENT_MASK_HELD: &str = "conntrack_monitoring_event_mask_held";
 pub const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
 /// Connections the HTTP endpoint refused with 503 (counter, label `reason`).
 pub const HTTP_REFUSED: &str = "conntrack_monitoring_http_connections_refused_total";
+/// Connections closed for a TLS error (counter).
+pub const HTTP_TLS_ERRORS: &str = "conntrack_monitoring_http_tls_errors_total";
+/// Requests' Basic authentication outcomes (counter, label `outcome`).
+pub const HTTP_AUTH: &str = "conntrack_monitoring_http_auth_total";
+/// Reloads of the web configuration file (counter, label `outcome`).
+pub const WEB_CONFIG_RELOADS: &str = "conntrack_monitoring_web_config_reloads_total";
+/// 1 when the last reload of the web configuration file succeeded, 0 when
+/// it failed and an older configuration is in force (gauge).
+pub const WEB_CONFIG_RELOAD_OK: &str = "conntrack_monitoring_web_config_last_reload_successful";
 /// Services named from kube-proxy's rules at the last read (gauge, label
 /// `source`).
 pub const SERVICE_NAMES: &str = "conntrack_monitoring_service_names";
@@ -90,7 +99,7 @@ pub struct FamilyDef {
 }
 
 /// The self-metric families, in render order.
-pub const FAMILIES: [FamilyDef; 24] = [
+pub const FAMILIES: [FamilyDef; 28] = [
     FamilyDef {
         name: READER_DATAGRAMS,
         kind: Kind::Counter,
@@ -221,6 +230,30 @@ pub const FAMILIES: [FamilyDef; 24] = [
         name: HTTP_REFUSED,
         kind: Kind::Counter,
         help: "Connections the HTTP endpoint answered 503 and closed: too many from one address (peer cap) or all served connections busy (connection cap)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: HTTP_TLS_ERRORS,
+        kind: Kind::Counter,
+        help: "Connections to the TLS endpoint closed for a TLS error: a failed handshake (plain HTTP, TLS below 1.2, a client certificate refused) or a bad record",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: HTTP_AUTH,
+        kind: Kind::Counter,
+        help: "Requests checked against basic_auth_users, by outcome: accepted cached, accepted (after a bcrypt check), refused (401), no credentials (401), limited (429: too many password checks from the peer or in all)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: WEB_CONFIG_RELOADS,
+        kind: Kind::Counter,
+        help: "Reloads of --web.config.file (on SIGHUP or a changed file), by outcome: success, or failure (the configuration in force was kept)",
+        bounds: &[],
+    },
+    FamilyDef {
+        name: WEB_CONFIG_RELOAD_OK,
+        kind: Kind::Gauge,
+        help: "With --web.config.file: 1 when the last reload succeeded (or none was needed), 0 when the file is broken and an older configuration is in force",
         bounds: &[],
     },
     FamilyDef {

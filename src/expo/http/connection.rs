@@ -1,10 +1,12 @@
-//! One client connection: its phase (reading a request head, writing a
-//! response, lingering before the close), its buffers, the budget it counts
-//! against and the deadline of its phase; and the [`Limits`] it is held to.
+//! One client connection: its phase (reading a request head, waiting for
+//! its password check, writing a response, lingering before the close), its
+//! transport (plain or TLS), its buffers, the budget it counts against and
+//! the deadline of its phase; and the [`Limits`] it is held to.
 //!
 //! Owns: reading into the head buffer until a head is complete, too large or
-//! malformed; handing a complete head to the `Responder` and writing what it
-//! produced; keeping what a pipelining client sent after a request; shutting
+//! malformed; asking the `Gate` about a complete head's credentials (every
+//! route but `/healthz` and `/readyz`) and handing it to the `Responder`
+//! when they pass, or writing the refusal; writing what it produced; keeping what a pipelining client sent after a request; shutting
 //! the write side after a last response and discarding input until the client
 //! closes.
 //!
@@ -15,15 +17,15 @@
 //! closed or must be driven again: it says what it needs ([`Next`]) and the
 //! server acts.
 
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown};
+use std::io::{self, Read};
+use std::net::IpAddr;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
-
-use super::request::{examine, Examined};
+use super::auth::{Gate, Verdict};
+use super::request::{examine, Examined, Request, Route};
 use super::response::{write_reply, Responder, Status};
+use super::transport::Transport;
 
 /// What one client may cost the endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +96,8 @@ pub(super) enum Budget {
 pub(super) enum Phase {
     /// Reading a request head into `head`.
     Head,
+    /// Waiting for the password check of this request.
+    Authorizing { request: Request },
     /// Writing `out`; then the next request, or the lingering close.
     Respond { close: bool },
     /// Write side shut; discarding input until the client closes.
@@ -116,8 +120,27 @@ pub(super) enum Next {
     Again,
 }
 
+/// What a connection's drive needs besides itself: where it sits, the
+/// responder, the gate of the web configuration (when there is one).
+pub(super) struct Serve<'s, 'r> {
+    pub(super) slot: usize,
+    pub(super) responder: &'s mut Responder<'r>,
+    pub(super) gate: Option<&'s mut Gate>,
+}
+
+/// A connection just accepted: its transport, serial number and peer.
+pub(super) struct Accepted {
+    pub(super) io: Transport,
+    pub(super) id: u64,
+    pub(super) peer: IpAddr,
+}
+
 pub(super) struct Conn {
-    pub(super) stream: TcpStream,
+    pub(super) io: Transport,
+    /// Serial number, unique over the endpoint's life: tells a password
+    /// check's answer for this connection from one for an earlier
+    /// connection in the same slot.
+    pub(super) id: u64,
     /// The client's address (IPv4-mapped IPv6 as IPv4), for the per-peer cap.
     pub(super) peer: IpAddr,
     /// The poll round that last drove it after a readiness event or a yield.
@@ -143,41 +166,44 @@ pub(super) struct Conn {
 
 impl Conn {
     /// A served connection, waiting for its first request head.
-    pub(super) fn serving(stream: TcpStream, peer: IpAddr, now: Instant, limits: &Limits) -> Conn {
+    pub(super) fn serving(accepted: Accepted, now: Instant, limits: &Limits) -> Conn {
+        let head = vec![0; limits.max_head_bytes].into_boxed_slice();
+        Conn::waiting(accepted, head, now + limits.head_deadline)
+    }
+
+    /// A connection taken in only to be answered 503 and closed; it counts as
+    /// closing from the start and never reads a head. On a TLS port it is
+    /// closed without a word: a plain 503 would mean nothing to its client.
+    pub(super) fn refusing(accepted: Accepted, now: Instant, limits: &Limits) -> Conn {
+        let mut out = Vec::new();
+        if matches!(accepted.io, Transport::Plain(_)) {
+            write_reply(&mut out, Status::Busy.plain(false, true));
+        }
         Conn {
-            stream,
+            budget: Budget::Closing,
+            phase: Phase::Respond { close: true },
+            out,
+            ..Conn::waiting(accepted, Box::default(), now + limits.write_deadline)
+        }
+    }
+
+    /// A served connection waiting until `deadline` for a head to read into
+    /// `head`.
+    fn waiting(accepted: Accepted, head: Box<[u8]>, deadline: Instant) -> Conn {
+        let Accepted { io, id, peer } = accepted;
+        Conn {
+            io,
+            id,
             peer,
             round: 0,
             budget: Budget::Serving,
             phase: Phase::Head,
-            deadline: now + limits.head_deadline,
-            head: vec![0; limits.max_head_bytes].into_boxed_slice(),
+            deadline,
+            head,
             filled: 0,
             saw_newline: false,
             pending_parse: false,
             out: Vec::new(),
-            sent: 0,
-            answered: 0,
-        }
-    }
-
-    /// A connection taken in only to be answered 503 and closed; it counts as
-    /// closing from the start and never reads a head.
-    pub(super) fn refusing(stream: TcpStream, peer: IpAddr, now: Instant, limits: &Limits) -> Conn {
-        let mut out = Vec::new();
-        write_reply(&mut out, Status::Busy.plain(false, true));
-        Conn {
-            stream,
-            peer,
-            round: 0,
-            budget: Budget::Closing,
-            phase: Phase::Respond { close: true },
-            deadline: now + limits.write_deadline,
-            head: Box::default(),
-            filled: 0,
-            saw_newline: false,
-            pending_parse: false,
-            out,
             sent: 0,
             answered: 0,
         }
@@ -190,6 +216,11 @@ impl Conn {
         self.filled -= len;
         self.saw_newline = self.head[..self.filled].contains(&b'\n');
         self.pending_parse = self.filled > 0;
+    }
+
+    /// Whether it ended for a TLS error.
+    pub(super) fn tls_failed(&self) -> bool {
+        self.io.tls_failed()
     }
 
     /// Its last drive stopped at [`REQUESTS_PER_DRIVE`]: it has requests
@@ -216,13 +247,15 @@ impl Conn {
         &mut self,
         now: Instant,
         limits: &Limits,
-        responder: &mut Responder<'_>,
+        serve: &mut Serve<'_, '_>,
         drain: &mut [u8],
     ) -> Next {
         self.answered = 0;
         loop {
             let step = match self.phase {
-                Phase::Head => self.read_head(now, limits, responder),
+                Phase::Head => self.read_head(now, limits, serve),
+                // Whatever the client sends meanwhile waits in the socket.
+                Phase::Authorizing { .. } => ControlFlow::Break(Next::Keep),
                 Phase::Respond { close } => self.write_response(close, now, limits),
                 Phase::Linger => ControlFlow::Break(self.discard_input(drain)),
             };
@@ -239,7 +272,7 @@ impl Conn {
         &mut self,
         now: Instant,
         limits: &Limits,
-        responder: &mut Responder<'_>,
+        serve: &mut Serve<'_, '_>,
     ) -> ControlFlow<Next> {
         if self.answered >= REQUESTS_PER_DRIVE {
             // Whatever waits, in `head` or in the socket, waits a round.
@@ -247,8 +280,11 @@ impl Conn {
         }
         if self.pending_parse {
             self.pending_parse = false;
-            if self.parse_head(now, limits, responder) {
+            if self.parse_head(now, limits, serve) {
                 return ControlFlow::Continue(());
+            }
+            if matches!(self.phase, Phase::Authorizing { .. }) {
+                return ControlFlow::Break(Next::Keep);
             }
         }
         if self.filled == self.head.len() {
@@ -259,7 +295,7 @@ impl Conn {
             return ControlFlow::Continue(());
         }
         let filled = self.filled;
-        match (&self.stream).read(&mut self.head[filled..]) {
+        match self.io.read(&mut self.head[filled..]) {
             // The client closed; a half-sent request has no one to answer to.
             Ok(0) => ControlFlow::Break(Next::Close),
             Ok(n) => {
@@ -282,20 +318,36 @@ impl Conn {
     }
 
     /// Examines `head[..filled]`; true when that queued a response (to the
-    /// request, or the error that closes the connection) and moved the
-    /// connection on to [`Phase::Respond`].
-    fn parse_head(&mut self, now: Instant, limits: &Limits, responder: &mut Responder<'_>) -> bool {
+    /// request, its refusal, or the error that closes the connection) and
+    /// moved the connection on to [`Phase::Respond`]. A request whose
+    /// password is being checked moves it to [`Phase::Authorizing`] instead
+    /// (false).
+    fn parse_head(&mut self, now: Instant, limits: &Limits, serve: &mut Serve<'_, '_>) -> bool {
         let full = self.filled == self.head.len();
         match examine(&self.head[..self.filled], full) {
             Examined::Partial => false,
             Examined::Complete { len, request } => {
+                let verdict = match serve.gate.as_deref_mut() {
+                    Some(gate) if !matches!(request.route, Route::Healthz | Route::Readyz) => {
+                        if gate.admit_request(now) {
+                            let header = request
+                                .authorization
+                                .and_then(|(start, end)| self.head[..len].get(start..end));
+                            gate.decide((serve.slot, self.id), self.peer, header)
+                        } else {
+                            Verdict::Limited
+                        }
+                    }
+                    _ => Verdict::Pass,
+                };
                 self.consume(len);
-                self.out.clear();
-                self.sent = 0;
                 self.answered += 1;
-                let close = responder.respond(&request, now, &mut self.out);
-                self.phase = Phase::Respond { close };
-                self.deadline = now + limits.write_deadline;
+                if verdict == Verdict::Pending {
+                    self.phase = Phase::Authorizing { request };
+                    self.deadline = now + limits.head_deadline;
+                    return false;
+                }
+                self.answer(&request, verdict, now, limits, serve.responder);
                 true
             }
             Examined::TooLarge => {
@@ -309,12 +361,52 @@ impl Conn {
         }
     }
 
+    /// Queues the response to `request` when `verdict` passes it, else its
+    /// refusal, and moves on to [`Phase::Respond`].
+    fn answer(
+        &mut self,
+        request: &Request,
+        verdict: Verdict,
+        now: Instant,
+        limits: &Limits,
+        responder: &mut Responder<'_>,
+    ) {
+        self.out.clear();
+        self.sent = 0;
+        let close = match verdict {
+            Verdict::Pass => responder.respond(request, now, &mut self.out),
+            Verdict::Unauthorized => responder.refuse(request, Status::Unauthorized, &mut self.out),
+            Verdict::Limited | Verdict::Pending => {
+                responder.refuse(request, Status::TooManyRequests, &mut self.out)
+            }
+        };
+        self.phase = Phase::Respond { close };
+        self.deadline = now + limits.write_deadline;
+    }
+
+    /// The password check of the request this connection waits with has
+    /// answered: queue its response or refusal. False if it was not waiting
+    /// (a check that answered after its deadline).
+    pub(super) fn checked(
+        &mut self,
+        verdict: Verdict,
+        now: Instant,
+        limits: &Limits,
+        responder: &mut Responder<'_>,
+    ) -> bool {
+        let Phase::Authorizing { request } = self.phase else {
+            return false;
+        };
+        self.answer(&request, verdict, now, limits, responder);
+        true
+    }
+
     /// One step of [`Phase::Respond`]: writes what is left of `out`; then
     /// shuts the write side (`close`) or goes back to reading a head, where
     /// a pipelined request may already be waiting.
     fn write_response(&mut self, close: bool, now: Instant, limits: &Limits) -> ControlFlow<Next> {
         while self.sent < self.out.len() {
-            match (&self.stream).write(&self.out[self.sent..]) {
+            match self.io.write(&self.out[self.sent..]) {
                 Ok(0) => return ControlFlow::Break(Next::Close),
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -324,11 +416,19 @@ impl Conn {
                 Err(_) => return ControlFlow::Break(Next::Close),
             }
         }
+        // TLS records of the response may still wait for the socket.
+        match self.io.flush() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return ControlFlow::Break(Next::Keep)
+            }
+            Err(_) => return ControlFlow::Break(Next::Close),
+        }
         self.out.clear();
         self.sent = 0;
         if close {
             // FIN after the response; then linger for the client's.
-            let _ = self.stream.shutdown(Shutdown::Write);
+            self.io.shutdown_write();
             return ControlFlow::Break(Next::Linger);
         }
         self.phase = Phase::Head;
@@ -340,10 +440,11 @@ impl Conn {
     /// [`Phase::Linger`]: reads input into `drain` and drops it, until the
     /// client closes, the socket would block, or the budget of this wake-up
     /// is spent.
-    fn discard_input(&self, drain: &mut [u8]) -> Next {
+    fn discard_input(&mut self, drain: &mut [u8]) -> Next {
         let mut budget = LINGER_READ_BUDGET;
         loop {
-            match (&self.stream).read(drain) {
+            // Raw bytes: on TLS, the records are dropped undecrypted.
+            match self.io.socket().read(drain) {
                 Ok(0) => return Next::Close,
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
@@ -379,7 +480,8 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let mut conn = Conn {
-            stream: TcpStream::from_std(client),
+            io: Transport::Plain(mio::net::TcpStream::from_std(client)),
+            id: 0,
             peer: IpAddr::from([127, 0, 0, 1]),
             round: 0,
             budget: Budget::Serving,

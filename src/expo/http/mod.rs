@@ -42,8 +42,25 @@
 //! reading only stalls itself. Timeouts come from the poll timeout (the nearest
 //! deadline), not from a timer thread.
 //!
+//! With a web configuration ([`Endpoint::bind_with`], `--web.config.file`):
+//!
+//! - with TLS, every connection is TLS (rustls); a client that does not
+//!   complete a handshake (plain HTTP, TLS below 1.2, a client certificate
+//!   the configuration refuses) is closed without a response, counted in
+//!   `http_tls_errors_total`. The handshake counts against the head
+//!   deadline;
+//! - with users, every request but `/healthz` and `/readyz` (which say no
+//!   more than up or down, and which the kubelet probes without
+//!   credentials) needs Basic credentials: none or wrong get 401 with
+//!   `WWW-Authenticate`; the bcrypt check runs on a thread of its own within
+//!   a fixed CPU share, and what it cannot afford gets 429 (`auth`);
+//! - the configuration's headers go on every response to a request;
+//! - the file is read again on [`StopHandle::reload`] (SIGHUP) and when it
+//!   or a file it names changes (`web`).
+//!
 //! Never: runs on the per-event reader thread, blocks on a socket, starts a
-//! thread, keeps more than the head limit of a request, accepts a request
+//! thread (but the one password-check thread with a web configuration),
+//! keeps more than the head limit of a request, accepts a request
 //! body, or reads the shards itself: the caller's renderer does, at most once
 //! per `min_render_interval` and format.
 //!
@@ -52,31 +69,42 @@
 //! one way, down this list: a module may use those below it, never one above.
 //!
 //! - `server`: the poll loop and the slab of connections (accept, dispatch,
-//!   eviction, deadlines, refusals beyond both caps);
+//!   eviction, deadlines, refusals beyond both caps, reloads in force);
+//! - `web`: the web configuration in force, its file watch and reloads;
 //! - `connection`: one client connection (its phases, buffers, budget and
 //!   deadline) and the [`Limits`] it is held to;
+//! - `auth`: Basic credentials, their caches, the password-check thread;
+//! - `transport`: a connection's bytes, plain or TLS;
 //! - `response`: statuses, the bytes of a response, and the `Responder` that
 //!   renders and compresses a `/metrics` body and keeps it for reuse;
 //! - `request`: parsing a request head and negotiating [`Format`] and gzip.
 
+mod auth;
 mod connection;
 mod request;
 mod response;
 mod server;
+mod transport;
+mod web;
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use mio::net::TcpListener;
 use mio::{Interest, Poll, Waker};
 
+pub use auth::CHECK_CPU_SHARE;
 pub use connection::Limits;
 pub use request::Format;
+pub use web::WATCH_EVERY;
 
+use crate::expo::web_config::WebConfig;
+use auth::Gate;
 use response::Responder;
-use server::{Server, LISTENER, WAKER};
+use server::{Secured, Server, LISTENER, WAKER};
 
 /// The bound, not yet serving, scrape endpoint. [`Endpoint::run`] serves it on
 /// the calling thread.
@@ -87,6 +115,7 @@ pub struct Endpoint {
     local_addr: SocketAddr,
     limits: Limits,
     stop: Arc<AtomicBool>,
+    secured: Option<Secured>,
     /// Kept as long as the poll: if the last handle dropped the waker while
     /// its wake-up was still unread, closing its eventfd would take the
     /// event out of the poll, and `run` would never see the stop.
@@ -98,6 +127,8 @@ pub struct Endpoint {
 pub struct StopHandle {
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
+    /// Set to ask for a reload, with a web configuration.
+    reload: Option<Arc<AtomicBool>>,
 }
 
 impl StopHandle {
@@ -110,6 +141,19 @@ impl StopHandle {
         // A failed wake-up (the eventfd is full) means one is already pending.
         let _ = self.waker.wake();
     }
+
+    /// Makes the endpoint read its web configuration file again on its next
+    /// turn (a broken file is logged and the configuration in force kept);
+    /// false when it runs without one.
+    pub fn reload(&self) -> bool {
+        let Some(reload) = &self.reload else {
+            return false;
+        };
+        // Release pairs with the Acquire swap in `Watch::look`.
+        reload.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+        true
+    }
 }
 
 impl Endpoint {
@@ -118,6 +162,17 @@ impl Endpoint {
     /// Fails with `InvalidInput` when `max_connections`,
     /// `max_connections_per_peer` or `max_head_bytes` is zero.
     pub fn bind(addr: SocketAddr, limits: Limits) -> io::Result<(Endpoint, StopHandle)> {
+        Endpoint::bind_with(addr, limits, None)
+    }
+
+    /// [`Endpoint::bind`], served with the web configuration `web` (read
+    /// from the file at its path, which is watched and read again on
+    /// [`StopHandle::reload`]). Starts the password-check thread.
+    pub fn bind_with(
+        addr: SocketAddr,
+        limits: Limits,
+        web: Option<(PathBuf, WebConfig)>,
+    ) -> io::Result<(Endpoint, StopHandle)> {
         if limits.max_connections == 0
             || limits.max_connections_per_peer == 0
             || limits.max_head_bytes == 0
@@ -134,9 +189,24 @@ impl Endpoint {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stop = Arc::new(AtomicBool::new(false));
+        let reload = web.as_ref().map(|_| Arc::new(AtomicBool::new(false)));
+        let secured = match web {
+            Some((path, config)) => {
+                let asked = Arc::clone(reload.as_ref().expect("made with web"));
+                let gate = Gate::start(
+                    Arc::clone(&config.users),
+                    config.rate_limit,
+                    Arc::clone(&waker),
+                )?;
+                let watch = web::Watch::new(path, config, asked);
+                Some(Secured { watch, gate })
+            }
+            None => None,
+        };
         let handle = StopHandle {
             stop: Arc::clone(&stop),
             waker: Arc::clone(&waker),
+            reload,
         };
         let endpoint = Endpoint {
             poll,
@@ -144,6 +214,7 @@ impl Endpoint {
             local_addr,
             limits,
             stop,
+            secured,
             _waker: waker,
         };
         Ok((endpoint, handle))
@@ -175,11 +246,16 @@ impl Endpoint {
             listener,
             limits,
             stop,
+            secured,
             ..
         } = self;
         let reuse_for = limits.min_render_interval;
         let mut responder = Responder::new(render, ready, healthy, reuse_for);
-        Server::new(limits).run(&mut poll, &listener, &stop, &mut responder)
+        let mut server = Server::new(limits, secured);
+        if let Some(headers) = server.headers() {
+            responder.headers = headers;
+        }
+        server.run(&mut poll, &listener, &stop, &mut responder)
     }
 }
 

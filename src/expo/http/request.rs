@@ -59,6 +59,9 @@ pub(super) struct Request {
     pub(super) keep_alive: bool,
     /// `Content-Length` above zero or any `Transfer-Encoding`.
     pub(super) has_body: bool,
+    /// Where the (last) `Authorization` header's value sits in the parsed
+    /// buffer, as start and end offsets.
+    pub(super) authorization: Option<(usize, usize)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,7 +82,7 @@ pub(super) fn examine(buf: &[u8], full: bool) -> Examined {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => match Request::from_parsed(&parsed) {
+        Ok(httparse::Status::Complete(len)) => match Request::from_parsed(&parsed, buf) {
             Some(request) => Examined::Complete { len, request },
             None => Examined::Malformed,
         },
@@ -93,7 +96,7 @@ pub(super) fn examine(buf: &[u8], full: bool) -> Examined {
 impl Request {
     /// None for a head httparse accepts but this server cannot trust (an
     /// unreadable `Content-Length`).
-    fn from_parsed(parsed: &httparse::Request<'_, '_>) -> Option<Request> {
+    fn from_parsed(parsed: &httparse::Request<'_, '_>, buf: &[u8]) -> Option<Request> {
         let method = match parsed.method? {
             "GET" => Method::Get,
             "HEAD" => Method::Head,
@@ -112,6 +115,7 @@ impl Request {
         let mut om_q = 0.0f32;
         let mut text_q = 0.0f32;
         let mut coding = Coding::default();
+        let mut authorization = None;
         for header in parsed.headers.iter() {
             let name = header.name;
             // A value that is not UTF-8 is ignored, as if absent.
@@ -135,6 +139,11 @@ impl Request {
                 has_body |= value.bytes().any(|b| b != b'0');
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 has_body = true;
+            } else if name.eq_ignore_ascii_case("authorization") {
+                // httparse's values are slices of `buf`: their offset is
+                // where they start in it.
+                let start = (header.value.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
+                authorization = Some((start, start + header.value.len()));
             }
         }
         Some(Request {
@@ -144,6 +153,7 @@ impl Request {
             gzip: coding.gzip(),
             keep_alive,
             has_body,
+            authorization,
         })
     }
 }

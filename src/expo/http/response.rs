@@ -6,7 +6,9 @@
 //! Owns: the rendered bodies (one per format, each with its gzip, reused
 //! across requests and kept as the render cache), and every header the
 //! endpoint sends (`Content-Length` always; `Content-Encoding`, `Vary`,
-//! `Allow`, `Retry-After`, `Connection: close` when they apply).
+//! `Allow`, `Retry-After`, `WWW-Authenticate`, `Connection: close` when
+//! they apply, and the web configuration's headers on every response to a
+//! request).
 //!
 //! Never: touches a socket (responses are appended to a caller's `Vec`);
 //! calls the renderer for anything but a GET or HEAD of `/metrics` without a
@@ -30,6 +32,9 @@ pub(super) struct Responder<'r> {
     reuse_for: Duration,
     /// The last body of each format, indexed by [`Rendered::slot`].
     rendered: [Rendered; 2],
+    /// The web configuration's `http_server_config.headers`, as
+    /// `Name: value\r\n` lines.
+    pub(super) headers: std::sync::Arc<[u8]>,
 }
 
 /// One format's last rendered body, and its gzip once a request asked for it.
@@ -112,6 +117,7 @@ impl<'r> Responder<'r> {
             healthy,
             reuse_for,
             rendered: Default::default(),
+            headers: std::sync::Arc::from(&b""[..]),
         }
     }
 
@@ -120,15 +126,22 @@ impl<'r> Responder<'r> {
     pub(super) fn respond(&mut self, request: &Request, now: Instant, out: &mut Vec<u8>) -> bool {
         let head_only = request.method == Method::Head;
         let close = !request.keep_alive;
+        let headers = &*self.headers;
         match request.method {
             Method::Other => {
-                write_reply(out, Status::MethodNotAllowed.plain(false, true));
+                write_reply(
+                    out,
+                    Status::MethodNotAllowed.plain(false, true).with(headers),
+                );
                 return true;
             }
             Method::Get | Method::Head => {}
         }
         if request.has_body {
-            write_reply(out, Status::BodyRefused.plain(head_only, true));
+            write_reply(
+                out,
+                Status::BodyRefused.plain(head_only, true).with(headers),
+            );
             return true;
         }
         let reply = match request.route {
@@ -144,6 +157,7 @@ impl<'r> Responder<'r> {
                     negotiated: true,
                     head_only,
                     close,
+                    headers,
                 }
             }
             Route::Healthz if (self.healthy)() => Status::Ok.plain(head_only, close),
@@ -153,7 +167,17 @@ impl<'r> Responder<'r> {
             Route::Readyz => Status::NotReady.plain(head_only, close),
             Route::NotFound => Status::NotFound.plain(head_only, close),
         };
-        write_reply(out, reply);
+        write_reply(out, reply.with(headers));
+        close
+    }
+
+    /// Appends the refusal of `request` for want of credentials (401), or
+    /// for too many password checks (429, then close), to `out`; returns
+    /// whether the connection is closed after it.
+    pub(super) fn refuse(&self, request: &Request, status: Status, out: &mut Vec<u8>) -> bool {
+        let close = !request.keep_alive || status != Status::Unauthorized;
+        let head_only = request.method == Method::Head;
+        write_reply(out, status.plain(head_only, close).with(&self.headers));
         close
     }
 }
@@ -170,6 +194,10 @@ pub(super) enum Status {
     NotReady,
     Unhealthy,
     Busy,
+    Unauthorized,
+    TooManyRequests,
+    /// A password check did not answer within the head deadline.
+    CheckTimeout,
 }
 
 impl Status {
@@ -182,7 +210,11 @@ impl Status {
             Status::Timeout => "408 Request Timeout",
             Status::BodyRefused => "413 Content Too Large",
             Status::HeadTooLarge => "431 Request Header Fields Too Large",
-            Status::NotReady | Status::Unhealthy | Status::Busy => "503 Service Unavailable",
+            Status::Unauthorized => "401 Unauthorized",
+            Status::TooManyRequests => "429 Too Many Requests",
+            Status::NotReady | Status::Unhealthy | Status::Busy | Status::CheckTimeout => {
+                "503 Service Unavailable"
+            }
         }
     }
 
@@ -199,6 +231,9 @@ impl Status {
             Status::NotReady => b"not ready\n",
             Status::Unhealthy => b"unhealthy: an event reader is stuck\n",
             Status::Busy => b"too many connections\n",
+            Status::Unauthorized => b"unauthorized\n",
+            Status::TooManyRequests => b"too many requests or password checks; retry later\n",
+            Status::CheckTimeout => b"the password check took too long; retry later\n",
         }
     }
 
@@ -211,7 +246,18 @@ impl Status {
             negotiated: false,
             head_only,
             close,
+            headers: b"",
         }
+    }
+}
+
+impl<'a> Reply<'a> {
+    /// The same reply with the web configuration's `headers` lines.
+    pub(super) fn with<'b>(self, headers: &'b [u8]) -> Reply<'b>
+    where
+        'a: 'b,
+    {
+        Reply { headers, ..self }
     }
 }
 
@@ -225,6 +271,8 @@ pub(super) struct Reply<'a> {
     /// A HEAD request: headers as for GET, no body.
     head_only: bool,
     close: bool,
+    /// Extra header lines (`Name: value\r\n`), from the web configuration.
+    headers: &'a [u8],
 }
 
 /// Appends the response to `out`: always with `Content-Length`, always
@@ -247,9 +295,16 @@ pub(super) fn write_reply(out: &mut Vec<u8>, r: Reply<'_>) {
     if r.status == Status::MethodNotAllowed {
         out.extend_from_slice(b"Allow: GET, HEAD\r\n");
     }
-    if r.status == Status::Busy {
+    if matches!(
+        r.status,
+        Status::Busy | Status::TooManyRequests | Status::CheckTimeout
+    ) {
         out.extend_from_slice(b"Retry-After: 1\r\n");
     }
+    if r.status == Status::Unauthorized {
+        out.extend_from_slice(b"WWW-Authenticate: Basic realm=\"conntrack-metrics\"\r\n");
+    }
+    out.extend_from_slice(r.headers);
     if r.close {
         out.extend_from_slice(b"Connection: close\r\n");
     }
@@ -276,6 +331,7 @@ mod tests {
                 negotiated: true,
                 head_only: false,
                 close: false,
+                headers: b"X-Frame-Options: deny\r\n",
             },
         );
         assert_eq!(
@@ -283,7 +339,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\n\
               Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n\
               Content-Length: 6\r\nContent-Encoding: gzip\r\nVary: Accept, Accept-Encoding\r\n\
-              \r\n# EOF\n"
+              X-Frame-Options: deny\r\n\r\n# EOF\n"
         );
         let mut head = Vec::new();
         write_reply(&mut head, Status::MethodNotAllowed.plain(true, true));

@@ -7,8 +7,12 @@
 //! evicting the connection that has waited longest for its head, the list of
 //! connections that yielded with requests left and are driven again on the
 //! next round, acting on passed deadlines, refusing a newcomer beyond both
-//! caps, and counting refusals in `http_connections_refused_total`. What a
-//! single connection does with its socket is `connection`'s.
+//! caps, and counting refusals in `http_connections_refused_total`; with a
+//! web configuration, starting TLS on each accepted connection, handing the
+//! password checks' answers to their connections, and putting a reloaded
+//! configuration in force (for connections accepted and requests read from
+//! then on). What a single connection does with its socket is
+//! `connection`'s.
 //!
 //! Never: blocks (the poll timeout is the nearest deadline, not a timer
 //! thread, and zero while a connection waits to be driven again), drives a
@@ -19,6 +23,7 @@
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
@@ -26,9 +31,13 @@ use mio::{Events, Interest, Poll, Registry, Token};
 
 use metrics::Counter;
 
-use super::connection::{Budget, Conn, Limits, Next, Phase, DRAIN_CHUNK};
+use super::auth::{Gate, Verdict};
+use super::connection::{Accepted, Budget, Conn, Limits, Next, Phase, Serve, DRAIN_CHUNK};
 use super::response::{write_reply, Responder, Status};
-use crate::stats::self_metrics::HTTP_REFUSED;
+use super::transport::Transport;
+use super::web::Watch;
+use crate::expo::web_config::WebConfig;
+use crate::stats::self_metrics::{HTTP_REFUSED, HTTP_TLS_ERRORS};
 
 pub(super) const LISTENER: Token = Token(0);
 pub(super) const WAKER: Token = Token(1);
@@ -71,10 +80,41 @@ pub(super) struct Server {
     refused_peer: Counter,
     /// Newcomers refused because all `max_connections` were busy.
     refused_busy: Counter,
+    /// The serial number of the next connection.
+    next_id: u64,
+    /// TLS for every new connection, when the web configuration says so.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connections closed for a TLS error (a failed handshake: plain HTTP
+    /// or an old TLS version on the TLS port, an unknown client
+    /// certificate).
+    tls_errors: Counter,
+    /// Authentication, with a web configuration.
+    gate: Option<Gate>,
+    /// The web configuration's file and its reloads.
+    watch: Option<Watch>,
+    /// Password checks answered, taken from the gate each round.
+    checked: Vec<((usize, u64), Verdict)>,
+}
+
+/// What the endpoint serves with a web configuration: the configuration and
+/// its file, and the gate of its users.
+pub(super) struct Secured {
+    pub(super) watch: Watch,
+    pub(super) gate: Gate,
+}
+
+impl std::fmt::Debug for Secured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secured").finish_non_exhaustive()
+    }
 }
 
 impl Server {
-    pub(super) fn new(limits: Limits) -> Server {
+    pub(super) fn new(limits: Limits, secured: Option<Secured>) -> Server {
+        let (tls, gate, watch) = match secured {
+            Some(Secured { watch, gate }) => (watch.current.tls.clone(), Some(gate), Some(watch)),
+            None => (None, None, None),
+        };
         Server {
             limits,
             conns: Vec::new(),
@@ -89,7 +129,46 @@ impl Server {
             redrive: Vec::new(),
             refused_peer: metrics::counter!(HTTP_REFUSED, "reason" => "peer cap"),
             refused_busy: metrics::counter!(HTTP_REFUSED, "reason" => "connection cap"),
+            next_id: 0,
+            tls,
+            tls_errors: metrics::counter!(HTTP_TLS_ERRORS),
+            gate,
+            watch,
+            checked: Vec::new(),
         }
+    }
+
+    /// The headers of the configuration in force, for the responder.
+    pub(super) fn headers(&self) -> Option<Arc<[u8]>> {
+        self.watch.as_ref().map(|w| Arc::clone(&w.current.headers))
+    }
+
+    /// Puts a reloaded configuration in force: new connections get its TLS,
+    /// requests from now on its users and headers.
+    fn apply(&mut self, new: &WebConfig, responder: &mut Responder<'_>) {
+        self.tls = new.tls.clone();
+        responder.headers = Arc::clone(&new.headers);
+        if let Some(gate) = self.gate.as_mut() {
+            gate.reconfigure(Arc::clone(&new.users), new.rate_limit);
+        }
+    }
+
+    /// Hands the password checks' answers to their connections.
+    fn take_checks(&mut self, registry: &Registry, now: Instant, responder: &mut Responder<'_>) {
+        let Some(gate) = self.gate.as_mut() else {
+            return;
+        };
+        gate.answers(&mut self.checked);
+        let mut checked = std::mem::take(&mut self.checked);
+        for ((idx, id), verdict) in checked.drain(..) {
+            let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) else {
+                continue;
+            };
+            if conn.id == id && conn.checked(verdict, now, &self.limits, responder) {
+                self.drive_slot(idx, registry, now, responder);
+            }
+        }
+        self.checked = checked;
     }
 
     /// Serves `listener` (registered in `poll` as [`LISTENER`], next to the
@@ -109,6 +188,9 @@ impl Server {
                 return Ok(());
             }
             let now = Instant::now();
+            if let Some(new) = self.watch.as_mut().and_then(|w| w.look(now)) {
+                self.apply(&new, responder);
+            }
             let timeout = if self.again.is_empty() {
                 self.next_deadline()
                     .map(|at| at.saturating_duration_since(now))
@@ -127,8 +209,9 @@ impl Server {
             std::mem::swap(&mut self.again, &mut self.redrive);
             for event in events.iter() {
                 match event.token() {
-                    // The stop flag is looked at on the next turn.
-                    WAKER => {}
+                    // The stop flag and a reload are looked at on the next
+                    // turn; the password checks' answers now.
+                    WAKER => self.take_checks(registry, now, responder),
                     LISTENER => self.accept_all(listener, registry, now, responder),
                     Token(t) => self.drive_ready(t - FIRST_CONN, registry, now, responder),
                 }
@@ -150,7 +233,8 @@ impl Server {
     /// there are at most `2 * max_connections` connections.
     fn next_deadline(&self) -> Option<Instant> {
         let conns = self.conns.iter().flatten().map(|c| c.deadline);
-        conns.chain(self.accept_retry).min()
+        let watch = self.watch.as_ref().map(|w| w.next_look);
+        conns.chain(self.accept_retry).chain(watch).min()
     }
 
     fn accept_all(
@@ -204,14 +288,27 @@ impl Server {
         } else if !self.evict_oldest_waiting(None, registry, now, responder) {
             self.refused_busy.increment(1);
         }
+        let io = match &self.tls {
+            None => Transport::Plain(stream),
+            Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
+                Ok(tls) => Transport::tls(stream, tls),
+                Err(_) => return,
+            },
+        };
+        let accepted = Accepted {
+            io,
+            id: self.next_id,
+            peer,
+        };
+        self.next_id += 1;
         let conn = if !peer_full && self.serving < max {
             self.serving += 1;
-            Conn::serving(stream, peer, now, &self.limits)
+            Conn::serving(accepted, now, &self.limits)
         } else if self.closing < max {
             self.closing += 1;
-            Conn::refusing(stream, peer, now, &self.limits)
+            Conn::refusing(accepted, now, &self.limits)
         } else {
-            self.refuse(stream);
+            self.refuse(accepted.io);
             return;
         };
         let idx = match self.free.pop() {
@@ -225,7 +322,7 @@ impl Server {
         let token = Token(FIRST_CONN + idx);
         if registry
             .register(
-                &mut conn.stream,
+                conn.io.socket(),
                 token,
                 Interest::READABLE | Interest::WRITABLE,
             )
@@ -248,12 +345,14 @@ impl Server {
             .count()
     }
 
-    /// A connection beyond both caps: a 503 if the socket takes it at once,
-    /// then close. Reading what already arrived first keeps the close a FIN
-    /// rather than a reset in the common case.
-    fn refuse(&mut self, stream: TcpStream) {
+    /// A connection beyond both caps: a 503 if the socket takes it at once
+    /// (on a plain HTTP port), then close. Reading what already arrived
+    /// first keeps the close a FIN rather than a reset in the common case.
+    fn refuse(&mut self, mut io: Transport) {
+        let tls = !matches!(io, Transport::Plain(_));
+        let stream: &TcpStream = io.socket();
         for _ in 0..4 {
-            match (&stream).read(&mut self.drain) {
+            match (&*stream).read(&mut self.drain) {
                 Ok(n) if n > 0 => {}
                 _ => break,
             }
@@ -261,7 +360,9 @@ impl Server {
         if self.refusal.is_empty() {
             write_reply(&mut self.refusal, Status::Busy.plain(false, true));
         }
-        let _ = (&stream).write(&self.refusal);
+        if !tls {
+            let _ = (&*stream).write(&self.refusal);
+        }
         let _ = stream.shutdown(Shutdown::Write);
     }
 
@@ -316,7 +417,7 @@ impl Server {
             if conn.filled > 0 {
                 conn.fail(Status::Timeout, now, &self.limits);
             } else {
-                let _ = conn.stream.shutdown(Shutdown::Write);
+                conn.io.shutdown_write();
                 conn.phase = Phase::Linger;
                 conn.deadline = now + self.limits.head_deadline;
             }
@@ -356,7 +457,16 @@ impl Server {
             let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) else {
                 return;
             };
-            match conn.drive(now, &self.limits, responder, &mut self.drain) {
+            let mut serve = Serve {
+                slot: idx,
+                responder: &mut *responder,
+                gate: self.gate.as_mut(),
+            };
+            let next = conn.drive(now, &self.limits, &mut serve, &mut self.drain);
+            if next == Next::Close && conn.tls_failed() {
+                self.tls_errors.increment(1);
+            }
+            match next {
                 Next::Keep => return,
                 Next::Again => {
                     self.again.push(idx);
@@ -393,6 +503,10 @@ impl Server {
                 // Half a request in time: say why before closing.
                 conn.fail(Status::Timeout, now, &self.limits);
                 self.drive_slot(idx, registry, now, responder);
+            } else if matches!(conn.phase, Phase::Authorizing { .. }) {
+                // Its password check did not answer in time.
+                conn.fail(Status::CheckTimeout, now, &self.limits);
+                self.drive_slot(idx, registry, now, responder);
             } else {
                 // Idle, too slow to take its response, or done lingering.
                 self.close_slot(idx, registry);
@@ -402,7 +516,7 @@ impl Server {
 
     fn close_slot(&mut self, idx: usize, registry: &Registry) {
         if let Some(mut conn) = self.conns[idx].take() {
-            let _ = registry.deregister(&mut conn.stream);
+            let _ = registry.deregister(conn.io.socket());
             match conn.budget {
                 Budget::Serving => self.serving -= 1,
                 Budget::Closing => self.closing -= 1,
