@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Validates deploy/ offline. From anywhere:
 #
-#     deploy/validate.sh            (root is needed for the live checks, steps 5-6)
+#     deploy/validate.sh            (root is needed for the live checks, steps 2b, 5-6)
 #
 # 1. Renders deploy/ and deploy/monitoring/ with `kubectl kustomize` (configMapGenerator
 #    included). Without kubectl: loads every raw YAML file with python3 + PyYAML instead
@@ -11,6 +11,16 @@
 #    unknown fields). deploy/extras/podmonitor.yaml and prometheusrule.yaml are CRD kinds
 #    the package has no schema for: the PodMonitor is only loaded and checked for its
 #    selector/port, the PrometheusRule for its spec.groups being rules.yml's groups.
+# 2b. The secured variants, kustomize Components of deploy/: renders deploy/ with
+#    deploy/extras/kube-rbac-proxy/ and with deploy/extras/web-config/ and validates them as
+#    in step 2 (and that the two together do not build). Their CRD kinds (PodMonitors,
+#    the Prometheus patch, extras/certificate.yaml) are loaded and checked against the
+#    rendered DaemonSets: selector, port names and numbers, Secret names and keys, the
+#    sidecar's upstream, paths, probes, token and RBAC, the token audience, the mounted
+#    web-config.yml and its certificate files. web-config.yml, with a test certificate and
+#    bcrypt hash put in, goes through `promtool check web-config`, and, where the exporter
+#    build has --web.config.file (and as root), is served by it: /healthz open, /metrics
+#    401 without the password, 200 with it, the certificate verified.
 # 3. Parses dashboard.json, prometheus.yml (its rule_files shipped in its ConfigMap) and
 #    Grafana's provisioning files.
 # 4. promtool check rules and promtool test rules on deploy/monitoring/rules.yml and
@@ -30,7 +40,7 @@
 #    and fails on query errors only.
 #
 # Environment: EXPORTER (default target/release/conntrack-metrics, built if missing),
-# K8S_VERSION (default 1.29), SKIP_LIVE=1 to skip the live part of steps 5-6,
+# K8S_VERSION (default 1.29), SKIP_LIVE=1 to skip the live part of steps 2b and 5-6,
 # NO_KUBECTL=1 to check the raw files as if kubectl were missing.
 set -euo pipefail
 
@@ -45,6 +55,7 @@ cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     ip netns del "$ns" 2>/dev/null || true
+    ip netns del "${ns}wc" 2>/dev/null || true
     rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -91,7 +102,9 @@ if ! command -v kubernetes-validate >/dev/null; then
         python3 -m pip install --quiet --break-system-packages kubernetes-validate ||
         fail "pip install kubernetes-validate"
 fi
-for f in "${rendered[@]}"; do
+# validate_k8s FILE: every resource of FILE valid (also for step 2b).
+validate_k8s() {
+    local f=$1 docs log passed
     docs=$(python3 -c 'import sys,yaml; print(sum(1 for d in yaml.safe_load_all(open(sys.argv[1])) if d))' "$f")
     log=$tmp/kv.log
     kubernetes-validate -k "$K8S_VERSION" --strict "$f" >"$log" 2>&1 || { cat "$log"; fail "$f does not validate"; }
@@ -99,7 +112,8 @@ for f in "${rendered[@]}"; do
     grep -v ' passed for resource ' "$log" || true
     [ "$passed" = "$docs" ] || { cat "$log"; fail "$f: $passed of $docs resources validated"; }
     echo "${f#"$tmp"/}: $passed/$docs resources valid"
-done
+}
+for f in "${rendered[@]}"; do validate_k8s "$f"; done
 python3 - "$here/extras/podmonitor.yaml" "$here/daemonset.yaml" <<'PY'
 import sys, yaml
 pm = yaml.safe_load(open(sys.argv[1]))
@@ -125,6 +139,244 @@ if pr["spec"]["groups"] != rules["groups"]:
              "(regenerate it: the command is in its header)")
 print("extras/prometheusrule.yaml: loads; spec.groups equal monitoring/rules.yml's groups (no CRD schema checked)")
 PY
+
+step "2b. secured variants: components extras/kube-rbac-proxy/ and extras/web-config/"
+# Each is a kustomize Component of deploy/ (an overlay cannot live inside its base:
+# kustomize reports a cycle). Rendered here as deploy/ with that component added, the
+# output of `kustomize edit add component extras/NAME` in deploy/, and validated as in
+# step 2; their CRD kinds checked against that rendering.
+extras=$here/extras
+if [ "${NO_KUBECTL:-0}" != 1 ] && command -v kubectl >/dev/null; then
+    # with_components DIR NAME...: a kustomization in DIR of deploy/ plus these components.
+    with_components() {
+        local d=$1 c
+        shift
+        mkdir -p "$d"
+        { printf 'resources:\n  - %s\ncomponents:\n' "$(realpath --relative-to="$d" "$here")"
+          for c in "$@"; do printf '  - %s\n' "$(realpath --relative-to="$d" "$extras/$c")"; done
+        } >"$d/kustomization.yaml"
+    }
+    for c in kube-rbac-proxy web-config; do
+        with_components "$tmp/with-$c" "$c"
+        kubectl kustomize "$tmp/with-$c" >"$tmp/with-$c.rendered.yaml" || fail "kubectl kustomize: deploy/ with extras/$c"
+        echo "deploy/ with component extras/$c: $(grep -c '^kind:' "$tmp/with-$c.rendered.yaml") resources"
+        validate_k8s "$tmp/with-$c.rendered.yaml"
+    done
+    # They are alternatives: together (either order) the build must fail.
+    for order in "kube-rbac-proxy web-config" "web-config kube-rbac-proxy"; do
+        # shellcheck disable=SC2086
+        with_components "$tmp/both" $order
+        if kubectl kustomize "$tmp/both" >/dev/null 2>&1; then fail "components $order build together"; fi
+    done
+    echo "both components together: the build fails, in either order"
+    python3 - "$tmp/with-kube-rbac-proxy.rendered.yaml" "$tmp/with-web-config.rendered.yaml" "$extras" <<'PY'
+import base64, os, re, sys, yaml
+krp_file, wc_file, extras = sys.argv[1:]
+def load(f):
+    return [d for d in yaml.safe_load_all(open(f)) if d]
+def only(docs, kind, name=None):
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"{len(found)} {kind} {name or ''}"
+    return found[0]
+def flags(c):
+    return dict(a.lstrip("-").split("=", 1) for a in c.get("args", []) if "=" in a)
+def mount_of(pod, c, volume_pred):
+    """The mountPath in container c of the one volume volume_pred accepts."""
+    vols = {v["name"] for v in pod["volumes"] if volume_pred(v)}
+    paths = [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in vols]
+    assert len(paths) == 1, f"{c['name']}: {len(paths)} mounts of such a volume"
+    return paths[0]
+def projected_secret_items(v, secret):
+    return {i["key"]: i["path"] for s in v.get("projected", {}).get("sources", [])
+            for i in s.get("secret", {}).get("items", []) if s["secret"]["name"] == secret}
+served = [c for c in load(f"{extras}/certificate.yaml") if c["kind"] == "Certificate" and not c["spec"].get("isCA")]
+assert len(served) == 1 and all(d["apiVersion"] == "cert-manager.io/v1" for d in load(f"{extras}/certificate.yaml"))
+tls_secret, dns_names = served[0]["spec"]["secretName"], served[0]["spec"]["dnsNames"]
+
+def check_podmonitor(f, ds, c):
+    """PodMonitor f scrapes container c of ds over verified TLS; its endpoint and port."""
+    pm = yaml.safe_load(open(f))
+    pod = ds["spec"]["template"]
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1" and pm["kind"] == "PodMonitor"
+    assert pm["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    for k, v in pm["spec"]["selector"]["matchLabels"].items():
+        assert pod["metadata"]["labels"].get(k) == v, f"{f}: selector {k}={v} does not match the pods"
+    ann = [a for a in pod["metadata"].get("annotations", {}) if a.startswith("prometheus.io/")]
+    assert not ann, f"the pods still carry {ann}: a scraper following them gets 401s"
+    [ep] = pm["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    assert ep["port"] in ports, f"{f}: port {ep['port']} is not a named port of container {c['name']}"
+    assert ep["scheme"] == "https", f"{f}: scheme {ep['scheme']}"
+    tls = ep["tlsConfig"]
+    assert not tls.get("insecureSkipVerify"), f"{f}: insecureSkipVerify"
+    assert tls["ca"]["secret"] == {"name": tls_secret, "key": "ca.crt"}, f"{f}: CA not {tls_secret}/ca.crt"
+    assert tls["serverName"] in dns_names, f"{f}: serverName {tls['serverName']} not in the certificate"
+    return ep, ports[ep["port"]]
+
+# kube-rbac-proxy
+docs = load(krp_file)
+ds = only(docs, "DaemonSet")
+pod = ds["spec"]["template"]
+spec = pod["spec"]
+cs = {c["name"]: c for c in spec["containers"]}
+exp, proxy = cs["conntrack-metrics"], cs["kube-rbac-proxy"]
+ef, pf = flags(exp), flags(proxy)
+d = f"{extras}/kube-rbac-proxy"
+ep, port = check_podmonitor(f"{d}/podmonitor.yaml", ds, proxy)
+bind = ef["metrics-bind-address"]
+host, bind_port = bind.rsplit(":", 1)
+assert host == "127.0.0.1", f"the exporter listens on {bind}, not on the loopback"
+assert "ports" not in exp, "the exporter declares a port: it listens on the loopback only"
+assert pf["upstream"] == f"http://{bind}/", f"--upstream={pf['upstream']}, the exporter is on {bind}"
+assert pf["secure-listen-address"] == f"$(HOST_IP):{port}", pf["secure-listen-address"]
+assert ep["path"] in pf["allow-paths"].split(","), "--allow-paths does not allow the scraped path"
+for p in ("livenessProbe", "readinessProbe"):
+    g = exp[p]["httpGet"]
+    assert (g.get("host"), str(g["port"]), g.get("scheme", "HTTP")) == ("127.0.0.1", bind_port, "HTTP"), f"exporter {p}: {g}"
+    g = proxy[p]["httpGet"]
+    assert (g["scheme"], str(g["port"])) == ("HTTPS", pf["proxy-endpoints-port"]), f"kube-rbac-proxy {p}: {g}"
+for k in ("tls-cert-file", "tls-private-key-file"):
+    m = mount_of(spec, proxy, lambda v: v.get("secret", {}).get("secretName") == tls_secret)
+    assert os.path.dirname(pf[k]) == m, f"--{k}={pf[k]} is not in the {tls_secret} mount {m}"
+sc = proxy["securityContext"]
+assert (sc["runAsNonRoot"], sc["allowPrivilegeEscalation"], sc["readOnlyRootFilesystem"],
+        sc["capabilities"], sc["seccompProfile"]["type"]) == (True, False, True, {"drop": ["ALL"]}, "RuntimeDefault"), sc
+# The token: in the sidecar only, for a ServiceAccount allowed TokenReview and SubjectAccessReview.
+assert spec["automountServiceAccountToken"] is False
+token = lambda v: any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))
+assert mount_of(spec, proxy, token) == "/var/run/secrets/kubernetes.io/serviceaccount"
+tokvols = {v["name"] for v in spec["volumes"] if token(v)}
+assert not any(m["name"] in tokvols for m in exp.get("volumeMounts", [])), "the exporter mounts the token"
+sa = only(docs, "ServiceAccount", spec["serviceAccountName"])
+roles = {r["metadata"]["name"]: r["rules"] for r in docs if r["kind"] == "ClusterRole"}
+def grants(rules, group, resource, verb):
+    return any(group in r.get("apiGroups", []) and resource in r.get("resources", []) and verb in r["verbs"] for r in rules)
+bound = [b["roleRef"]["name"] for b in docs if b["kind"] == "ClusterRoleBinding"
+         and {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]} in b["subjects"]]
+assert any(grants(roles[r], "authentication.k8s.io", "tokenreviews", "create") and
+           grants(roles[r], "authorization.k8s.io", "subjectaccessreviews", "create") for r in bound), \
+    f"ServiceAccount {sa['metadata']['name']} may not create tokenreviews and subjectaccessreviews"
+assert any(ep["path"] in r.get("nonResourceURLs", []) and "get" in r["verbs"] for rs in roles.values() for r in rs), \
+    f"no ClusterRole for scrapers grants get on {ep['path']}"
+# The scraper's token: the PodMonitor's scrape class reads it from a projected volume for
+# the audience the sidecar accepts (prometheus-patch.yaml).
+pm = yaml.safe_load(open(f"{d}/podmonitor.yaml"))
+prom = yaml.safe_load(open(f"{d}/prometheus-patch.yaml"))["spec"]
+[cls] = [s for s in prom["scrapeClasses"] if s["name"] == pm["spec"]["scrapeClass"]]
+cred = cls["authorization"]["credentialsFile"]
+[mnt] = [m for m in prom["volumeMounts"] if os.path.dirname(cred) == m["mountPath"]]
+[vol] = [v for v in prom["volumes"] if v["name"] == mnt["name"]]
+[tok] = [s["serviceAccountToken"] for s in vol["projected"]["sources"] if "serviceAccountToken" in s]
+assert tok["path"] == os.path.basename(cred), f"{cred} is not the projected token"
+assert tok["audience"] in pf["auth-token-audiences"].split(","), f"audience {tok['audience']} not accepted by the sidecar"
+print(f"extras/kube-rbac-proxy: exporter on {bind}, sidecar on $(HOST_IP):{port} -> upstream, probes, "
+      f"TLS Secret, token and RBAC, PodMonitor, scrape class and audience consistent")
+
+# web-config
+docs = load(wc_file)
+ds = only(docs, "DaemonSet")
+spec = ds["spec"]["template"]["spec"]
+[exp] = [c for c in spec["containers"] if c["name"] == "conntrack-metrics"]
+ef = flags(exp)
+d = f"{extras}/web-config"
+ep, port = check_podmonitor(f"{d}/podmonitor.yaml", ds, exp)
+assert ef["metrics-bind-address"] == f"$(HOST_IP):{port}", ef["metrics-bind-address"]
+for p in ("livenessProbe", "readinessProbe"):
+    g = exp[p]["httpGet"]
+    assert g["scheme"] == "HTTPS" and "host" not in g and g["port"] == port, f"{p}: {g}"
+path = ef["web.config.file"]
+vname = [m["name"] for m in exp["volumeMounts"] if m["mountPath"] == os.path.dirname(path)]
+assert vname, f"--web.config.file={path}: nothing is mounted at {os.path.dirname(path)}"
+[vol] = [v for v in spec["volumes"] if v["name"] in vname]
+secrets = {s["secret"]["name"] for s in vol["projected"]["sources"]}
+[cfg_secret] = secrets - {tls_secret}
+key = {p: k for k, p in projected_secret_items(vol, cfg_secret).items()}[os.path.basename(path)]
+sec = only(docs, "Secret", cfg_secret)
+cfg = yaml.safe_load(base64.b64decode(sec["data"][key]))
+assert cfg == yaml.safe_load(open(f"{d}/{key}")), f"Secret {cfg_secret} is not {key}"
+tls_items = {p: k for k, p in projected_secret_items(vol, tls_secret).items()}
+for k, want in (("cert_file", "tls.crt"), ("key_file", "tls.key")):
+    f = cfg["tls_server_config"][k]
+    assert os.path.dirname(f) == os.path.dirname(path) and tls_items.get(os.path.basename(f)) == want, \
+        f"{key}: {k} {f} is not {tls_secret}'s {want} as mounted"
+for user, h in cfg["basic_auth_users"].items():
+    assert re.fullmatch(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}", h), f"{key}: {user}'s password is not a bcrypt hash"
+pm = yaml.safe_load(open(f"{d}/podmonitor.yaml"))
+ba = pm["spec"]["podMetricsEndpoints"][0]["basicAuth"]
+assert ba["username"]["name"] == ba["password"]["name"], "basicAuth: username and password from two Secrets"
+print(f"extras/web-config: --web.config.file={path} from Secret {cfg_secret}, its certificate from {tls_secret}, "
+      f"bcrypt hashes, HTTPS probes, PodMonitor consistent")
+PY
+else
+    echo "kubectl not found: the components are not rendered, their files only loaded"
+    python3 - "$extras"/*/*.yaml "$extras"/*/*.yml "$extras/certificate.yaml" <<'PY'
+import sys, yaml
+for f in sys.argv[1:]:
+    list(yaml.safe_load_all(open(f)))
+print(f"{len(sys.argv) - 1} files of deploy/extras load")
+PY
+    validate_k8s "$extras/kube-rbac-proxy/rbac.yaml"
+fi
+# web-config.yml as exporter-toolkit reads it (promtool), with a certificate made as
+# certificate.yaml's header says and a password hash made as web-config.yml's says; then,
+# if this exporter build has --web.config.file, served by it in a network namespace:
+# /healthz and /readyz without a password, /metrics 401 without it and 200 with it, its
+# certificate verified for the PodMonitor's serverName.
+if command -v openssl >/dev/null && command -v htpasswd >/dev/null; then
+    wc=$tmp/web-config
+    mkdir "$wc"
+    name=$(python3 -c 'import sys,yaml; print(yaml.safe_load(open(sys.argv[1]))["spec"]["podMetricsEndpoints"][0]["tlsConfig"]["serverName"])' \
+        "$extras/web-config/podmonitor.yaml")
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj "/CN=$name" \
+        -addext "subjectAltName=DNS:$name" -keyout "$wc/tls.key" -out "$wc/tls.crt" 2>/dev/null || fail "openssl req"
+    pw=$(head -c 24 /dev/urandom | base64)
+    user=$(python3 -c 'import sys,yaml; print(next(iter(yaml.safe_load(open(sys.argv[1]))["basic_auth_users"])))' \
+        "$extras/web-config/web-config.yml")
+    hash=$(printf '%s\n' "$pw" | htpasswd -niBC 10 "$user") || fail "htpasswd"
+    python3 - "$extras/web-config/web-config.yml" "$wc" "$user" "${hash#"$user":}" >"$wc/web-config.yml" <<'PY'
+import os, sys, yaml
+src, d, user, h = sys.argv[1:]
+cfg = yaml.safe_load(open(src))
+for k in ("cert_file", "key_file"):
+    cfg["tls_server_config"][k] = os.path.join(d, os.path.basename(cfg["tls_server_config"][k]))
+cfg["basic_auth_users"] = {user: h}
+print(yaml.safe_dump(cfg))
+PY
+    if command -v promtool >/dev/null; then
+        promtool check web-config "$wc/web-config.yml" >"$wc/promtool.log" 2>&1 ||
+            { cat "$wc/promtool.log"; fail "promtool check web-config: extras/web-config/web-config.yml"; }
+        echo "extras/web-config/web-config.yml (a test certificate and hash put in): promtool check web-config passed"
+    else
+        echo "SKIPPED: promtool check web-config (promtool not found)"
+    fi
+    if [ "${SKIP_LIVE:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v ip >/dev/null && command -v curl >/dev/null &&
+        [ -x "$EXPORTER" ] && "$EXPORTER" --help 2>/dev/null | grep -q -- '--web.config.file'; then
+        ip netns add "${ns}wc"
+        ip -n "${ns}wc" link set lo up
+        ip netns exec "${ns}wc" "$EXPORTER" --no-sysctl --web.config.file="$wc/web-config.yml" \
+            --metrics-bind-address 127.0.0.1:19443 >"$wc/exporter.log" 2>&1 &
+        pids+=($!)
+        get=(ip netns exec "${ns}wc" curl -sS -o /dev/null -w '%{http_code}' --cacert "$wc/tls.crt"
+             --resolve "$name:19443:127.0.0.1")
+        url=https://$name:19443
+        ok=0
+        for _ in $(seq 50); do
+            if [ "$("${get[@]}" "$url/readyz" 2>/dev/null)" = 200 ]; then ok=1; break; fi
+            sleep 0.2
+        done
+        [ $ok = 1 ] || { cat "$wc/exporter.log"; fail "the exporter with web-config.yml did not become ready over TLS"; }
+        got="$("${get[@]}" "$url/healthz") $("${get[@]}" "$url/metrics") $("${get[@]}" -u "$user:wrong" "$url/metrics")"
+        got="$got $("${get[@]}" -u "$user:$pw" "$url/metrics")"
+        [ "$got" = "200 401 401 200" ] ||
+            fail "web-config: /healthz, /metrics, with a wrong and with the right password: $got (want 200 401 401 200)"
+        echo "the exporter serves web-config.yml: /healthz 200, /metrics 401 without or with a wrong password," \
+            "200 with it, certificate verified for $name"
+    else
+        echo "not served by the exporter (needs root, ip, curl, SKIP_LIVE unset, and $EXPORTER built with --web.config.file)"
+    fi
+else
+    echo "SKIPPED: web-config.yml checks (need openssl and htpasswd: apt-get install apache2-utils)"
+fi
 
 step "3. configuration files"
 python3 - "$here/monitoring" <<'PY'
