@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Validates deploy/ offline. From anywhere:
 #
-#     deploy/validate.sh            (root is needed for the live checks, steps 2b, 5-6)
+#     deploy/validate.sh            (root is needed for the live checks, steps 2b, 5-7)
 #
 # 1. Renders deploy/ and deploy/monitoring/ with `kubectl kustomize` (configMapGenerator
 #    included). Without kubectl: loads every raw YAML file with python3 + PyYAML instead
@@ -38,10 +38,22 @@
 #    exporter expression that returns no number (cAdvisor's container_* series cannot
 #    exist there and are only listed); then evaluates every rule expression of rules.yml
 #    and fails on query errors only.
+# 7. The image (as root, with podman and runc): builds the static binary (glibc, crt-static,
+#    stripped; in target/static), then deploy/Dockerfile's last stage FROM scratch with
+#    podman (its COPY --from=build made a COPY of that binary), checks that the image
+#    holds that one file, user 65534:65534 and port 9000, and reports both sizes. Then,
+#    in a network namespace it creates: --event-mask must fail at start (no nft), and
+#    the image started as uid 65534 and as uid 0 (the DaemonSet's runAsUser), each with
+#    --cap-drop=ALL --cap-add=NET_ADMIN, read-only, no-new-privileges, must answer
+#    /healthz with 200 within 10 s, run with CapEff NET_ADMIN alone (/proc/PID/status),
+#    and serve conntrack_monitoring_ series with the receive buffer forced to 128 MiB.
+#    Its containers, image and namespace are removed on exit. Skipped without root, or
+#    without podman or runc (then a failure where CI=true).
 #
 # Environment: EXPORTER (default target/release/conntrack-metrics, built if missing),
 # K8S_VERSION (default 1.29), SKIP_LIVE=1 to skip the live part of steps 2b and 5-6,
-# NO_KUBECTL=1 to check the raw files as if kubectl were missing.
+# NO_KUBECTL=1 to check the raw files as if kubectl were missing, SKIP_IMAGE=1 to skip
+# step 7.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -637,6 +649,127 @@ sys.exit(1 if bad or not rules else 0)
 PY
 else
     echo "skipped (needs root, ip, curl and the prometheus binary)"
+fi
+
+step "7. the image: the static binary FROM scratch, built with podman and started"
+image_skip=
+if [ "${SKIP_IMAGE:-0}" = 1 ]; then
+    image_skip="SKIP_IMAGE=1"
+elif [ "$(id -u)" != 0 ]; then
+    image_skip="needs root (a network namespace, podman's storage in /var/lib/containers)"
+elif ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v curl >/dev/null; then
+    [ "${CI:-}" != true ] || fail "CI must run the image step: podman, runc or curl missing (tests/run.sh installs them)"
+    image_skip="podman, runc or curl not found (apt-get install podman runc curl)"
+fi
+if [ -n "$image_skip" ]; then
+    echo "skipped: $image_skip"
+else
+    image_ns=ctmimg$$
+    image_ctr=ctmimg$$
+    image_tag=localhost/conntrack-metrics-validate:$$
+    image_cleanup() {
+        podman rm -f -i -t 0 "$image_ctr-mask" "$image_ctr-65534" "$image_ctr-0" >/dev/null 2>&1 || true
+        podman image unmount "$image_tag" >/dev/null 2>&1 || true
+        podman rmi -f "$image_tag" >/dev/null 2>&1 || true
+        ip netns del "$image_ns" 2>/dev/null || true
+    }
+    trap 'image_cleanup; cleanup' EXIT
+    since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+    # One static binary, in a target dir of its own (the normal one stays as it is); the
+    # same build as the Dockerfile's stage `build`.
+    triple=$(rustc -vV | sed -n 's/^host: //p')
+    t0=$(date +%s.%N)
+    (cd "$root" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_DEBUG=false \
+        CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_TARGET_DIR="$root/target/static" \
+        cargo build --release --locked --quiet --target "$triple" --bin conntrack-metrics) ||
+        fail "the static cargo build"
+    build_s=$(since "$t0")
+    static=$root/target/static/$triple/release/conntrack-metrics
+    needed=$(readelf -d "$static" | grep '(NEEDED)' || true)
+    [ -z "$needed" ] || fail "$static is not static: $needed"
+    if command -v file >/dev/null; then file -b "$static"; fi
+    echo "static binary, stripped: $(stat -c %s "$static") bytes, built in ${build_s}s"
+
+    # deploy/Dockerfile's last stage as it is, but for its COPY --from=build of the same
+    # binary, which comes from the build context here.
+    mkdir "$tmp/image"
+    cp "$static" "$tmp/image/conntrack-metrics"
+    awk '/^FROM / { s = "" } { s = s $0 "\n" } END { printf "%s", s }' "$here/Dockerfile" |
+        sed 's|^COPY --from=build /conntrack-metrics |COPY conntrack-metrics |' >"$tmp/image/Containerfile"
+    [ "$(head -1 "$tmp/image/Containerfile")" = "FROM scratch" ] ||
+        fail "deploy/Dockerfile's last stage is not FROM scratch"
+    if [ "$(grep -cE '^(RUN|ADD|COPY)' "$tmp/image/Containerfile")" != 1 ] ||
+        ! grep -q '^COPY conntrack-metrics /usr/local/bin/conntrack-metrics$' "$tmp/image/Containerfile"; then
+        fail "deploy/Dockerfile's last stage must only COPY --from=build /conntrack-metrics /usr/local/bin/"
+    fi
+    # No RUN step, so no container and no --isolation: the layer is the copied file.
+    podman build --quiet --layers=false --pull=never -t "$image_tag" "$tmp/image" >/dev/null ||
+        fail "podman build"
+    mnt=$(podman image mount "$image_tag") || fail "podman image mount"
+    files=$(cd "$mnt" && find . ! -type d)
+    podman image unmount "$image_tag" >/dev/null
+    [ "$files" = ./usr/local/bin/conntrack-metrics ] || fail "the image holds more than the binary: $files"
+    config=$(podman image inspect -f '{{.Config.User}} {{json .Config.Entrypoint}} {{json .Config.ExposedPorts}}' "$image_tag")
+    [ "$config" = '65534:65534 ["/usr/local/bin/conntrack-metrics"] {"9000/tcp":{}}' ] ||
+        fail "image configuration: $config"
+    image_bytes=$(podman image inspect -f '{{.Size}}' "$image_tag")
+    echo "image $image_tag: $image_bytes bytes, one file ($files), user 65534:65534, port 9000"
+
+    # Started twice, with NET_ADMIN alone: as the Dockerfile's USER 65534 (podman makes an
+    # added capability ambient for a non-root user, so it survives the exec), and as uid
+    # 0, what deploy/daemonset.yaml's runAsUser: 0 makes of it on Kubernetes (which sets
+    # no ambient capability). On machines that are containers themselves, as CI's: runc,
+    # since crun refuses a hybrid cgroup layout; cgroupfs, since there is no systemd; and
+    # rlimits they can set without CAP_SYS_RESOURCE (podman's default nofile of 1048576
+    # stops runc: "error setting rlimits").
+    run_image=(podman --runtime runc --cgroup-manager=cgroupfs run --pull=never
+        --cap-drop=ALL --cap-add=NET_ADMIN --read-only --read-only-tmpfs=false
+        --security-opt no-new-privileges --ulimit nofile=4096:4096 --ulimit nproc=4096:4096
+        --network=ns:/run/netns/"$image_ns")
+    ip netns add "$image_ns"
+    ip -n "$image_ns" link set lo up
+    # The flag the image cannot serve fails at start, with its reason.
+    if timeout 30 "${run_image[@]}" --rm --name "$image_ctr-mask" --user 65534:65534 "$image_tag" \
+        --no-sysctl --event-mask >"$tmp/event-mask.log" 2>&1; then
+        fail "--event-mask started in an image without nft"
+    fi
+    grep -q 'needs the nft binary' "$tmp/event-mask.log" || { cat "$tmp/event-mask.log"; fail "--event-mask: no reason given"; }
+    echo "--event-mask exits at start: $(grep 'needs the nft binary' "$tmp/event-mask.log")"
+    port=19101
+    for uid in 65534 0; do
+        ctr=$image_ctr-$uid
+        t0=$(date +%s.%N)
+        "${run_image[@]}" -d --name "$ctr" --user "$uid:$uid" "$image_tag" \
+            --no-sysctl --node-name validate-image --metrics-bind-address "127.0.0.1:$port" >/dev/null ||
+            fail "podman run as uid $uid"
+        ok=0
+        for _ in $(seq 100); do
+            code=$(ip netns exec "$image_ns" curl -sS -o /dev/null -w '%{http_code}' \
+                "http://127.0.0.1:$port/healthz" 2>/dev/null || true)
+            if [ "$code" = 200 ]; then ok=1; break; fi
+            sleep 0.1
+        done
+        [ $ok = 1 ] || { podman logs "$ctr"; fail "uid $uid: /healthz did not answer 200 within 10 s"; }
+        healthz_s=$(since "$t0")
+        pid=$(podman inspect -f '{{.State.Pid}}' "$ctr")
+        echo "--user $uid:$uid: /healthz 200 ${healthz_s}s after podman run; /proc/$pid/status:"
+        # CapAmb is 0 there: the exporter clears its ambient set once started.
+        grep -E '^(Uid|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' "/proc/$pid/status" | sed 's/^/  /'
+        [ "$(awk '/^Uid:/ { print $2 $3 $4 $5 }' "/proc/$pid/status")" = "$uid$uid$uid$uid" ] ||
+            fail "the container's process does not run as uid $uid"
+        [ "$(awk '/^CapEff:/ { print $2 }' "/proc/$pid/status")" = 0000000000001000 ] ||
+            fail "uid $uid: the container's process has not CAP_NET_ADMIN alone in effect"
+        ip netns exec "$image_ns" curl -fsS "http://127.0.0.1:$port/metrics" >"$tmp/image-metrics.txt" ||
+            fail "uid $uid: /metrics"
+        series=$(grep -c '^conntrack_monitoring_' "$tmp/image-metrics.txt" || true)
+        [ "$series" -gt 0 ] || fail "uid $uid: /metrics has no conntrack_monitoring_ series"
+        # SO_RCVBUFFORCE, which needs CAP_NET_ADMIN, got the default 64 MiB (doubled).
+        grep -q '^conntrack_monitoring_netlink_receive_buffer_bytes{.*} 134217728$' "$tmp/image-metrics.txt" ||
+            fail "uid $uid: the receive buffer was not forced to 128 MiB"
+        echo "  $series conntrack_monitoring_ samples on /metrics, receive buffer 128 MiB"
+        port=$((port + 1))
+    done
 fi
 
 echo

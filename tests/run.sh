@@ -4,7 +4,7 @@
 # --cfg loom, in target/loom), the fixture golden tests, the end-to-end tests
 # against the real kernel (in network namespaces it creates and removes), the
 # benches in test mode, a compile check of the fuzz targets, and the
-# deployment manifests and dashboard (deploy/validate.sh), and a small run of
+# deployment manifests, dashboard and image (deploy/validate.sh), and a small run of
 # each load-test harness (loadtest/: the ab workload, the iperf3 throughput
 # workload, the overhead benchmark with UDP and TCP flows), each failing when
 # the exporter missed a flow or lost an event.
@@ -22,7 +22,8 @@ fi
 
 missing=()
 for tool_pkg in ip:iproute2 nft:nftables conntrack:conntrack python3:python3 curl:curl promtool:prometheus \
-                ab:apache2-utils iperf3:iperf3 bc:bc iptables-save:iptables; do
+                ab:apache2-utils iperf3:iperf3 bc:bc iptables-save:iptables \
+                podman:podman runc:runc readelf:binutils; do
     command -v "${tool_pkg%%:*}" >/dev/null 2>&1 || missing+=("${tool_pkg#*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -55,8 +56,9 @@ step() { printf '\n==> %s\n' "$*"; "$@"; }
 step cargo fmt --all -- --check
 step cargo clippy --all-targets -- -D warnings
 step cargo check --manifest-path fuzz/Cargo.toml --bins
-# The deployment manifests against the Kubernetes schemas, and every dashboard
-# query against a real Prometheus scraping the exporter in a namespace.
+# The deployment manifests against the Kubernetes schemas, every dashboard
+# query against a real Prometheus scraping the exporter in a namespace, and the
+# image (a static release build FROM scratch) built and started with podman.
 step cargo build
 step env EXPORTER=target/debug/conntrack-metrics deploy/validate.sh
 
