@@ -12,7 +12,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,27 @@ impl Dir {
         p.to_string_lossy().into_owned()
     }
 
+    /// Writes `files` the way the kubelet updates a Secret volume: into a
+    /// new folder, then `..data` swapped to it in one rename; each name is
+    /// a symlink through `..data`.
+    fn secret_volume(&self, files: &[(&str, &str)]) {
+        static VERSION: AtomicUsize = AtomicUsize::new(0);
+        let version = format!("..v{}", VERSION.fetch_add(1, Ordering::Relaxed));
+        std::fs::create_dir_all(self.0.join(&version)).unwrap();
+        for (name, text) in files {
+            std::fs::write(self.0.join(&version).join(name), text).unwrap();
+        }
+        let tmp = self.0.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).unwrap();
+        std::fs::rename(&tmp, self.0.join("..data")).unwrap();
+        for (name, _) in files {
+            let link = self.0.join(name);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{name}"), link).unwrap();
+            }
+        }
+    }
+
     fn path(&self, name: &str) -> String {
         self.0.join(name).to_string_lossy().into_owned()
     }
@@ -90,8 +111,7 @@ fn hash(password: &str) -> String {
 /// configuration of `users` (name, password) and `extra` lines.
 fn tls_setup(dir: &Dir, ca: &Ca, users: &[(&str, &str)], extra: &str) -> String {
     let (cert, key) = ca.sign(&["127.0.0.1"]);
-    dir.write("tls.crt", &cert);
-    dir.write("tls.key", &key);
+    dir.secret_volume(&[("tls.crt", &cert), ("tls.key", &key)]);
     dir.write("ca.crt", &ca.pem);
     write_config(dir, users, extra)
 }
@@ -446,13 +466,13 @@ fn sighup_and_a_rotated_certificate_reload_it_and_a_broken_file_is_kept_out() {
     wait_log(&started, "turns TLS off", Duration::from_secs(3));
     assert_eq!(get(&vn, "prometheus:new"), "200");
 
-    // A certificate rotated by another CA, without a signal (as cert-manager
-    // does it): in force within the watch interval.
+    // A certificate rotated by another CA, without a signal, as cert-manager
+    // and the kubelet do it (a new folder behind the Secret volume's
+    // symlinks): in force within the watch interval.
     write_config(&dir, &[("prometheus", "new")], "");
     let second = Ca::new("second ca");
     let (cert, key) = second.sign(&["127.0.0.1"]);
-    dir.write("tls.crt", &cert);
-    dir.write("tls.key", &key);
+    dir.secret_volume(&[("tls.crt", &cert), ("tls.key", &key)]);
     dir.write("ca2.crt", &second.pem);
     let ca2 = dir.path("ca2.crt");
     let rotated = Instant::now();
