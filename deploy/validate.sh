@@ -736,6 +736,21 @@ else
     fi
     grep -q 'needs the nft binary' "$tmp/event-mask.log" || { cat "$tmp/event-mask.log"; fail "--event-mask: no reason given"; }
     echo "--event-mask exits at start: $(grep 'needs the nft binary' "$tmp/event-mask.log")"
+    # The init container's step (deploy/daemonset.yaml): privileged (a writable
+    # /proc/sys), uid 0, --sysctls-only turns both sysctls of the namespace on and exits.
+    for key in nf_conntrack_acct nf_conntrack_timestamp; do
+        ip netns exec "$image_ns" sysctl -qw "net.netfilter.$key=0"
+    done
+    timeout 30 podman --runtime runc --cgroup-manager=cgroupfs run --pull=never --rm \
+        --name "$image_ctr-sysctls" --privileged --user 0:0 --read-only \
+        --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 --network=ns:/run/netns/"$image_ns" \
+        "$image_tag" --sysctls-only >"$tmp/sysctls.log" 2>&1 ||
+        { cat "$tmp/sysctls.log"; fail "--sysctls-only in the image"; }
+    for key in nf_conntrack_acct nf_conntrack_timestamp; do
+        [ "$(ip netns exec "$image_ns" sysctl -n "net.netfilter.$key")" = 1 ] ||
+            { cat "$tmp/sysctls.log"; fail "--sysctls-only left $key at 0"; }
+    done
+    echo "--sysctls-only (the init container, --privileged as uid 0): both sysctls 1, exit 0: $(tr '\n' ' ' <"$tmp/sysctls.log")"
     port=19101
     for uid in 65534 0; do
         ctr=$image_ctr-$uid

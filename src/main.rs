@@ -67,6 +67,16 @@ fn main() -> ExitCode {
         Ok(_) => log!("capabilities: none (CAP_NET_ADMIN was not granted)"),
         Err(e) => log!("warning: could not drop capabilities: {e}"),
     }
+    if config.sysctls_only {
+        // The init container's step: nothing else starts.
+        return match conntrack_sysctls(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                log!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&config, web) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

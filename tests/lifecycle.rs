@@ -277,3 +277,46 @@ fn a_subnet_list_too_long_for_the_kernel_filter() {
         "{stderr}"
     );
 }
+
+#[test]
+fn sysctls_only_turns_them_on_and_exits() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let vn = VirtualNode::new();
+    let keys = [
+        "net.netfilter.nf_conntrack_acct",
+        "net.netfilter.nf_conntrack_timestamp",
+    ];
+    for key in keys {
+        vn.exec(&vn.node, &["sysctl", "-qw", &format!("{key}=0")]);
+    }
+    let exporter = env!("CARGO_BIN_EXE_conntrack-metrics");
+    let out = std::process::Command::new("timeout")
+        .args([
+            "10",
+            "ip",
+            "netns",
+            "exec",
+            &vn.node,
+            exporter,
+            "--sysctls-only",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for key in keys {
+        assert_eq!(sysctl(&vn, key), "1", "{key}: {stderr}");
+    }
+    // It did nothing else: no subscription, no endpoint.
+    assert!(
+        !stderr.contains("subscribed") && !stderr.contains("serving"),
+        "{stderr}"
+    );
+    let out = std::process::Command::new(exporter)
+        .args(["--sysctls-only", "--no-sysctl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

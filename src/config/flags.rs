@@ -171,6 +171,16 @@ pub(super) struct Flags {
           value_parser = BoolishValueParser::new())]
     pub(super) no_sysctl: bool,
 
+    /// Write 1 to net.netfilter.nf_conntrack_acct and nf_conntrack_timestamp
+    /// in this network namespace, then exit (0, or 1 with the reason): what
+    /// the DaemonSet's init container runs, with this image, so that the one
+    /// privileged step holds no shell and only CAP_NET_ADMIN.
+    #[arg(long, env = "CONNTRACK_METRICS_SYSCTLS_ONLY", value_name = "BOOL",
+          action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new(), conflicts_with = "no_sysctl")]
+    pub(super) sysctls_only: bool,
+
     /// Also expose the original exporter's counters and summaries under its
     /// names (`events_counter`, `error_counter`, `no_bufs_counter`,
     /// `service_*_summary`), for dashboards not yet moved to `events_total`,
@@ -317,6 +327,7 @@ mod tests {
                 summary_timeout: 100,
                 stats_shards: 2,
                 no_sysctl: true,
+                sysctls_only: false,
                 legacy_names: true,
                 table_dump_seconds: 0,
                 service_labels: true,

@@ -99,6 +99,8 @@ pub struct Config {
     /// `--no-sysctl`: only warn when conntrack accounting or timestamps are
     /// off, never turn them on.
     pub no_sysctl: bool,
+    /// `--sysctls-only`: turn the sysctls on, then exit.
+    pub sysctls_only: bool,
     /// `--legacy-names`: also expose the original exporter's non-conforming
     /// metric names.
     pub legacy_names: bool,
@@ -203,6 +205,7 @@ impl Config {
             summary_timeout,
             stats_shards,
             no_sysctl,
+            sysctls_only,
             legacy_names,
             table_dump_seconds,
             service_labels,
@@ -228,6 +231,7 @@ impl Config {
             summary_timeout,
             stats_shards,
             no_sysctl,
+            sysctls_only,
             legacy_names,
             table_dump_seconds,
             service_labels,
@@ -283,6 +287,7 @@ mod tests {
             summary_timeout: 10,
             stats_shards: 1,
             no_sysctl: false,
+            sysctls_only: false,
             legacy_names: false,
             table_dump_seconds: 300,
             service_labels: false,
