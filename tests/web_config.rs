@@ -191,6 +191,12 @@ fn wait_log(started: &Started, needle: &str, limit: Duration) -> String {
     }
 }
 
+/// The exporter's stderr lines so far that hold `needle`.
+fn count_log(started: &Started, needle: &str) -> usize {
+    let lines = started.later.lock().unwrap();
+    lines.iter().filter(|l| l.contains(needle)).count()
+}
+
 fn stop(vn: &mut VirtualNode, started: &Started) {
     common::netns::run(&["kill", "-TERM", &started.pid.to_string()]);
     let status = vn.wait_child(started.pid, Duration::from_secs(2));
@@ -464,6 +470,28 @@ fn sighup_and_a_rotated_certificate_reload_it_and_a_broken_file_is_kept_out() {
     );
     common::netns::run(&["kill", "-HUP", &started.pid.to_string()]);
     wait_log(&started, "turns TLS off", Duration::from_secs(3));
+    assert_eq!(get(&vn, "prometheus:new"), "200");
+
+    // The file gone (a volume unmounted, a typo in a rollout) right after
+    // a good reload: noticed without a signal, logged, the configuration in
+    // force kept.
+    let reloads = count_log(&started, "file changed: web configuration");
+    write_config(&dir, &[("prometheus", "new")], "");
+    let deadline = Instant::now() + WATCH_EVERY + Duration::from_secs(3);
+    while count_log(&started, "file changed: web configuration") == reloads {
+        assert!(Instant::now() < deadline, "the good file was not reloaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::remove_file(dir.path("web.yml")).unwrap();
+    let line = wait_log(
+        &started,
+        "No such file",
+        WATCH_EVERY + Duration::from_secs(3),
+    );
+    assert!(
+        line.contains("file changed") && line.contains("not reloaded"),
+        "{line}"
+    );
     assert_eq!(get(&vn, "prometheus:new"), "200");
 
     // A certificate rotated by another CA, without a signal, as cert-manager

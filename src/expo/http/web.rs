@@ -29,8 +29,10 @@ pub const WATCH_EVERY: Duration = Duration::from_secs(5);
 pub(super) struct Watch {
     path: PathBuf,
     pub(super) current: WebConfig,
-    /// The fingerprint of the last file that failed, so it is logged once.
-    failed: Option<Fingerprint>,
+    /// While the files fail to load: their fingerprint when they last
+    /// failed (`None` inside: one could not be read), so each broken
+    /// content is logged and counted once.
+    failed: Option<Option<Fingerprint>>,
     pub(super) next_look: Instant,
     asked: Arc<AtomicBool>,
     ok: Counter,
@@ -93,7 +95,7 @@ impl Watch {
                 // What the files in force hold now: a broken content is
                 // logged once, until it changes again.
                 let fresh = Fingerprint::of(&self.current.files);
-                if asked || self.failed != fresh {
+                if asked || self.failed != Some(fresh) {
                     log!(
                         "{why}: web configuration {} not reloaded, the one in force is kept: {e}",
                         self.path.display()
@@ -101,7 +103,7 @@ impl Watch {
                     self.broken.increment(1);
                     self.in_force.set(0.0);
                 }
-                self.failed = fresh;
+                self.failed = Some(fresh);
                 None
             }
         }
