@@ -46,7 +46,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use conntrack_metrics::flow::services::label_overflow_blocks;
-use conntrack_metrics::flow::{tracker_may_use, FlowTracker, ServiceBudget, ServiceFilter};
+use conntrack_metrics::flow::{tracker_may_use_with, FlowTracker, ServiceBudget, ServiceFilter};
 use conntrack_metrics::reader::EventPath;
 use conntrack_metrics::stats::summary::SummaryWindow;
 use conntrack_metrics::stats::{Counter, Registry, Series, ShardSet, Snapshot};
@@ -102,8 +102,9 @@ fn tracker() -> FlowTracker {
 }
 
 /// The datagrams of `corpus` the default socket filter passes (each
-/// captured datagram holds one event), and their events.
-fn filtered(datagrams: &[Slot]) -> (Vec<Slot>, u64) {
+/// captured datagram holds one event), or with `live` the filter of
+/// `--live-latency` (which passes every Service NEW too), and their events.
+fn filtered(datagrams: &[Slot], live: bool) -> (Vec<Slot>, u64) {
     let services = services();
     let kept: Vec<Slot> = datagrams
         .iter()
@@ -113,7 +114,7 @@ fn filtered(datagrams: &[Slot]) -> (Vec<Slot>, u64) {
             let mut keep = true;
             while let Some(message) = walk.next_into(&mut event) {
                 assert!(matches!(message, Ok(Message::Event(()))));
-                keep &= services.to_service(&event) && tracker_may_use(&event);
+                keep &= services.to_service(&event) && tracker_may_use_with(&event, live);
             }
             keep
         })
@@ -211,10 +212,15 @@ fn pipeline(c: &mut Criterion) {
     let registry = Registry::new(ShardSet::new(1, SummaryWindow::from_minutes(1)));
     let _ = metrics::set_global_recorder(registry.recorder());
     let (all, all_events) = corpus();
-    let (used, used_events) = filtered(&all);
+    let (used, used_events) = filtered(&all, false);
+    let (live, live_events) = filtered(&all, true);
     for (group, datagrams, events) in [
         ("pipeline", all, all_events),
         ("pipeline, filtered", used, used_events),
+        // The same flows as "filtered", with their NEWs: the cost per
+        // Service flow of --live-latency is this group's live path against
+        // that group's default one.
+        ("pipeline, filtered for --live-latency", live, live_events),
     ] {
         check_bounded(&datagrams, events);
         bench_group(c, group, &datagrams, events);
@@ -246,6 +252,15 @@ fn bench_group(c: &mut Criterion, group: &str, datagrams: &[Slot], events: u64) 
     g.bench_function("the per-event path with --service-labels", |b| {
         b.iter(|| reader_path(datagrams, &mut labelled))
     });
+    // With --live-latency: every NEW into the unanswered table, latencies
+    // at the reply and the FIN.
+    let live_set = ShardSet::new(1, SummaryWindow::from_minutes(10));
+    let live = tracker().with_live_latency(MAX_FLOWS / 4);
+    let mut live = EventPath::new(0, live_set.writer(0).unwrap(), live, false);
+    g.bench_function("the per-event path with --live-latency", |b| {
+        b.iter(|| reader_path(datagrams, &mut live))
+    });
+    drop(live);
     g.finish();
     black_box(path.tracker().flows());
     let s = snapshot(&set);

@@ -259,6 +259,7 @@ fn subscribe(config: &Config) -> io::Result<(Vec<(ConntrackSocket, ReaderShare)>
         readers as u32,
         !config.no_socket_filter,
         config.print_events,
+        config.live_latency,
     );
     let mut sockets = Vec::with_capacity(readers);
     for index in 0..readers {
@@ -341,9 +342,14 @@ fn reader_plans(
                     kernel_filtered,
                     subscribed_ns,
                 );
-                match service_budget(config) {
+                let tracker = match service_budget(config) {
                     Some(budget) => tracker.with_services(budget),
                     None => tracker,
+                };
+                if config.live_latency {
+                    tracker.with_live_latency(unanswered_capacity(per_reader))
+                } else {
+                    tracker
                 }
             },
             cpu,
@@ -355,6 +361,12 @@ fn reader_plans(
         })
         .collect();
     (plans, mailboxes)
+}
+
+/// With `--live-latency`, the unanswered flows a reader keeps: a quarter of
+/// its answered flows' table, at least 1024.
+fn unanswered_capacity(per_reader: usize) -> usize {
+    (per_reader / 4).max(1024)
 }
 
 /// With `--table-dump-seconds`, the census thread: a dump of the kernel's
@@ -397,8 +409,9 @@ fn reader_options(config: &Config) -> ReaderOptions {
         batch: config.recv_batch,
         drain_delay: Duration::from_micros(config.drain_delay_us),
         print_events: config.print_events,
-        // The idle sweep of Service slots runs at a drained socket.
-        tick: config.service_labels.then_some(Duration::from_secs(1)),
+        // The idle sweep of Service slots, and the flows awaiting a reply,
+        // are looked at at a drained socket.
+        tick: (config.service_labels || config.live_latency).then_some(Duration::from_secs(1)),
     }
 }
 

@@ -206,6 +206,8 @@ const ADDED_SINCE: &[&str] = &[
     "conntrack_monitoring_http_tls_errors",
     "conntrack_monitoring_http_auth",
     "conntrack_monitoring_web_config_",
+    "conntrack_monitoring_unanswered_flows_dropped",
+    "conntrack_monitoring_service_flows_awaiting_reply",
 ];
 
 /// The families, their HELP and TYPE lines and every label set are those

@@ -83,7 +83,19 @@ const BATCH: usize = 64;
 
 #[test]
 fn the_readers_event_path_allocates_nothing() {
-    event_path_allocates_nothing(None);
+    event_path_allocates_nothing(None, false);
+}
+
+/// With `--live-latency` (and Service labels): NEWs into the unanswered
+/// table, latencies at the reply and the FIN, the awaiting-reply count at
+/// each drained socket; nothing allocates.
+#[test]
+fn the_event_path_with_live_latency_allocates_nothing() {
+    let budget = ServiceBudget {
+        max_services: 1,
+        idle_ns: 0,
+    };
+    event_path_allocates_nothing(Some(budget), true);
 }
 
 /// With `--service-labels` and a budget of one Service: Services take
@@ -91,13 +103,16 @@ fn the_readers_event_path_allocates_nothing() {
 /// each drained socket; nothing allocates.
 #[test]
 fn the_event_path_with_service_labels_allocates_nothing() {
-    event_path_allocates_nothing(Some(ServiceBudget {
-        max_services: 1,
-        idle_ns: 0,
-    }));
+    event_path_allocates_nothing(
+        Some(ServiceBudget {
+            max_services: 1,
+            idle_ns: 0,
+        }),
+        false,
+    );
 }
 
-fn event_path_allocates_nothing(budget: Option<ServiceBudget>) {
+fn event_path_allocates_nothing(budget: Option<ServiceBudget>, live: bool) {
     let corpus = corpus();
     assert_counting();
 
@@ -108,6 +123,9 @@ fn event_path_allocates_nothing(budget: Option<ServiceBudget>) {
     let mut tracker = FlowTracker::new(services, 4096);
     if let Some(budget) = budget {
         tracker = tracker.with_services(budget);
+    }
+    if live {
+        tracker = tracker.with_live_latency(1024);
     }
     let window = SummaryWindow::from_minutes(10);
     let registry = Registry::new(ShardSet::with_blocks(1, window, tracker.blocks()));

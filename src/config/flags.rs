@@ -253,6 +253,19 @@ pub(super) struct Flags {
         env = "CONNTRACK_METRICS_WEB_CONFIG_FILE"
     )]
     pub(super) web_config_file: Option<std::path::PathBuf>,
+
+    /// Observe each flow's seen-reply latency at its first reply and its
+    /// FIN latency at its first closing event, from its NEW, instead of at
+    /// its DESTROY (minutes later, or never for a long-lived connection).
+    /// The socket filter then passes the Service flows' NEW events, and
+    /// flows waiting for their first reply are kept in a table of their
+    /// own (a quarter of --max-flows); adds
+    /// service_flows_awaiting_reply. docs/flows.md.
+    #[arg(long, env = "CONNTRACK_METRICS_LIVE_LATENCY", value_name = "BOOL",
+          action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub(super) live_latency: bool,
 }
 
 /// `--svc-subnet` / `--exclude-subnet` values: the subnet parser's reason
@@ -335,6 +348,7 @@ mod tests {
                 service_idle_minutes: 60,
                 service_names: false,
                 web_config_file: Some("/etc/conntrack-metrics/web.yml".into()),
+                live_latency: false,
             }
         );
     }

@@ -119,6 +119,8 @@ pub struct Config {
     pub service_names: bool,
     /// `--web.config.file`: the web configuration (TLS, users, headers).
     pub web_config_file: Option<std::path::PathBuf>,
+    /// `--live-latency`: latencies observed when they happen.
+    pub live_latency: bool,
 }
 
 impl Config {
@@ -213,6 +215,7 @@ impl Config {
             service_idle_minutes,
             service_names,
             web_config_file,
+            live_latency,
         } = flags;
         Ok(Config {
             svc_subnets,
@@ -239,6 +242,7 @@ impl Config {
             service_idle_minutes,
             service_names: service_labels && service_names == "auto",
             web_config_file,
+            live_latency,
         })
     }
 }
@@ -295,6 +299,7 @@ mod tests {
             service_idle_minutes: 15,
             service_names: false,
             web_config_file: None,
+            live_latency: false,
         }
     }
 

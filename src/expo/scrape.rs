@@ -390,6 +390,13 @@ impl Exposition {
             &[(Counter::ServiceBudgetOverflow, None)],
             out,
         );
+        self.counter_family(
+            format,
+            "unanswered_flows_dropped",
+            "With --live-latency: Service flows still waiting for their first reply dropped from their full table (the oldest first) to make room for newer ones; their latencies are then observed at their DESTROY",
+            &[(Counter::UnansweredDropped, None)],
+            out,
+        );
         if self.options.legacy_names && format == Format::Prometheus {
             self.legacy_counters(out);
         }

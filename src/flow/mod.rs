@@ -18,7 +18,9 @@ pub use live::LiveFlows;
 pub use services::{ServiceBudget, ServiceKey, ServiceSlots, SCTP, TCP, UDP};
 pub use share::{BadShare, ReaderShare};
 pub use subnet::Subnet;
-pub use tracker::{tracker_may_use, FlowTracker, KernelFiltered, ServiceFilter};
+pub use tracker::{
+    tracker_may_use, tracker_may_use_with, FlowTracker, KernelFiltered, ServiceFilter,
+};
 
 /// The wall clock (`CLOCK_REALTIME`, the clock of the kernel's conntrack
 /// stamps and of every flow moment) in nanoseconds since the epoch; a vDSO

@@ -37,7 +37,19 @@ pub struct FlowState {
     /// may have been lost (the tracker's loss horizon): the flow is measured
     /// only if it started after it.
     pub loss_horizon_ns: u64,
+    /// With `--live-latency`: the moment of the flow's NEW, its start as
+    /// far as its events tell (0: its NEW was not taken). In the table of
+    /// unanswered flows, every entry has one.
+    pub started_ns: u64,
+    /// With `--live-latency`: its seen-reply latency was observed at the
+    /// reply, from `started_ns` (its DESTROY does not observe it again).
+    pub live: bool,
+    /// Its FIN latency was observed at the FIN, likewise.
+    pub fin_observed: bool,
 }
+
+// One entry, key and state, is one cache line: the state must not grow.
+const _: () = assert!(std::mem::size_of::<Entry>() == 64);
 
 const NIL: u32 = u32::MAX;
 
@@ -237,6 +249,20 @@ impl FlowTable {
         (&mut self.entries[e as usize].state, outcome)
     }
 
+    /// The flows, oldest first (in insertion order). Between batches only:
+    /// each step follows a link.
+    pub fn oldest_first(&self) -> impl Iterator<Item = &FlowState> + '_ {
+        let mut at = self.oldest;
+        std::iter::from_fn(move || {
+            if at == NIL {
+                return None;
+            }
+            let e = at as usize;
+            at = self.links[e].next;
+            Some(&self.entries[e].state)
+        })
+    }
+
     /// Removes the flow `key`, returning its state.
     pub fn remove(&mut self, key: FlowKey) -> Option<FlowState> {
         let cell = self.find(key)?;
@@ -246,9 +272,11 @@ impl FlowTable {
     fn remove_cell(&mut self, cell: usize) -> FlowState {
         let e = self.index[cell].entry;
         let state = self.entries[e as usize].state;
-        // A free entry has no seen-reply moment: [`Self::retain_slots`]
-        // skips it without a probe (the line is in the cache already).
+        // A free entry has no seen-reply moment and no start:
+        // [`Self::retain_slots`] skips it without a probe (the line is in the
+        // cache already).
         self.entries[e as usize].state.seen_reply_ns = None;
+        self.entries[e as usize].state.started_ns = 0;
         let Link { prev, next } = self.links[e as usize];
         match prev {
             NIL => self.oldest = next,
@@ -279,7 +307,8 @@ impl FlowTable {
         let mut removed = 0;
         for e in from.min(end)..end {
             let Entry { key, state } = self.entries[e];
-            if state.seen_reply_ns.is_none() || keep(key, &state) {
+            let free = state.seen_reply_ns.is_none() && state.started_ns == 0;
+            if free || keep(key, &state) {
                 continue;
             }
             // Free entries were skipped above; the index says for sure.

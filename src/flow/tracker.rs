@@ -125,6 +125,16 @@ impl ServiceFilter {
 /// reader judges what it cannot read).
 #[inline]
 pub fn tracker_may_use(ev: &CtEvent) -> bool {
+    tracker_may_use_with(ev, false)
+}
+
+/// [`tracker_may_use`], and with `live` (`--live-latency`) every NEW too:
+/// a flow's start as its events tell it, taken when it begins.
+#[inline]
+pub fn tracker_may_use_with(ev: &CtEvent, live: bool) -> bool {
+    if live && ev.kind == EventKind::New {
+        return true;
+    }
     let Some(status) = ev.status else {
         return true;
     };
@@ -165,6 +175,11 @@ pub const RECONCILE_MARGIN_NS: u64 = 1_000_000_000;
 /// How far ahead of the step it runs the queue prefetches entries.
 const ENTRY_LOOKAHEAD: usize = 8;
 
+/// With `--live-latency`: a flow waits for its first reply "too long" once
+/// its NEW is this old (1 s), and counts in
+/// [`FlowTracker::awaiting_reply`].
+pub const AWAITING_AFTER_NS: u64 = 1_000_000_000;
+
 /// Service flows between their first reply and their DESTROY.
 pub struct FlowTracker {
     filter: ServiceFilter,
@@ -187,6 +202,10 @@ pub struct FlowTracker {
     congested: bool,
     /// With `--service-labels`: the block of each Service.
     services: Option<ServiceSlots>,
+    /// With `--live-latency`: Service flows from their NEW to their first
+    /// reply, apart from the answered ones so that a flood of unanswered
+    /// flows evicts only its own kind (the oldest first, counted).
+    unanswered: Option<FlowTable>,
 }
 
 /// An event that touches the table, queued: what its step needs.
@@ -196,6 +215,24 @@ struct Step {
     moment: Moment,
     /// For a DESTROY, what its observations need; `None` for an UPDATE.
     end: Option<Ended>,
+    /// With `--live-latency`: what the event does to the table of
+    /// unanswered flows, and the block a live observation goes to.
+    live: LiveStep,
+}
+
+/// What a step does with `--live-latency` beyond the answered flows' table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LiveStep {
+    /// Nothing (the flag is off, or a DESTROY of an answered flow).
+    No,
+    /// A NEW without a reply: the flow enters the unanswered table.
+    New,
+    /// An event with the reply (or the FIN): observations of the flow go
+    /// to this block now.
+    Reply(BlockId),
+    /// The DESTROY of a flow never answered: it leaves the unanswered
+    /// table.
+    Forget,
 }
 
 /// What a DESTROY carries for its observations.
@@ -272,7 +309,41 @@ impl FlowTracker {
             recent_destroys: RecentDestroys::new(RECENT_DESTROYS),
             congested: false,
             services: None,
+            unanswered: None,
         }
+    }
+
+    /// The same tracker, observing seen-reply and FIN latencies when they
+    /// happen (`--live-latency`): each flow's start is its NEW, kept in a
+    /// table of `unanswered` flows of its own until the flow's first reply.
+    pub fn with_live_latency(mut self, unanswered: usize) -> FlowTracker {
+        self.unanswered = Some(FlowTable::new(unanswered));
+        self
+    }
+
+    /// Whether latencies are observed when they happen.
+    pub fn live(&self) -> bool {
+        self.unanswered.is_some()
+    }
+
+    /// With `--live-latency`: flows waiting for their first reply.
+    pub fn unanswered(&self) -> usize {
+        self.unanswered.as_ref().map_or(0, FlowTable::len)
+    }
+
+    /// With `--live-latency`: flows whose NEW came more than
+    /// [`AWAITING_AFTER_NS`] before `now_ns` and that have seen no reply.
+    /// Between batches: it walks the unanswered flows oldest first and stops
+    /// at the first younger one.
+    pub fn awaiting_reply(&self, now_ns: u64) -> usize {
+        let Some(table) = &self.unanswered else {
+            return 0;
+        };
+        let cutoff = now_ns.saturating_sub(AWAITING_AFTER_NS);
+        table
+            .oldest_first()
+            .take_while(|f| f.started_ns <= cutoff)
+            .count()
     }
 
     /// The same tracker, recording each Service's flows in a block of its
@@ -363,9 +434,17 @@ impl FlowTracker {
     ) -> Option<usize> {
         self.flush(shard);
         let entered_before = live.taken_ns().saturating_sub(RECONCILE_MARGIN_NS);
-        let (next, dropped) = self.table.retain_slots(from, slots, |key, flow| {
+        let (next, mut dropped) = self.table.retain_slots(from, slots, |key, flow| {
             flow.seen_reply_ns.is_none_or(|at| at >= entered_before) || live.contains(key)
         });
+        // The unanswered flows, all at the start of a sweep.
+        if let (0, Some(table)) = (from, self.unanswered.as_mut()) {
+            let capacity = table.capacity();
+            let (_, gone) = table.retain_slots(0, capacity, |key, flow| {
+                flow.started_ns >= entered_before || live.contains(key)
+            });
+            dropped += gone;
+        }
         if dropped > 0 {
             shard.count(Counter::LostDestroys, dropped);
         }
@@ -413,14 +492,29 @@ impl FlowTracker {
             // listener (another one overran), it re-sends the missed events
             // merged into the flow's next one, to every listener, and a merged
             // NEW goes out as a NEW: a NEW can show the reply too.
-            EventKind::New | EventKind::Update if moment.seen_reply => self.queue(Step {
+            EventKind::New | EventKind::Update if moment.seen_reply => {
+                let live = match self.unanswered {
+                    Some(_) => LiveStep::Reply(self.service_block(ev, moment.at, shard)),
+                    None => LiveStep::No,
+                };
+                self.queue(Step {
+                    key: flow_key(id, ev),
+                    moment,
+                    end: None,
+                    live,
+                })
+            }
+            // With --live-latency, the flow's start: its NEW.
+            EventKind::New if self.unanswered.is_some() => self.queue(Step {
                 key: flow_key(id, ev),
                 moment,
                 end: None,
+                live: LiveStep::New,
             }),
-            // Nothing to keep before the first reply: the start comes with
-            // the DESTROY, and whether the NEW was received is known then from
-            // the loss horizon. A FIN counts only after a reply.
+            // Otherwise nothing to keep before the first reply: the start
+            // comes with the DESTROY, and whether the NEW was received is
+            // known then from the loss horizon. A FIN counts only after a
+            // reply.
             EventKind::New | EventKind::Update => {}
             EventKind::Destroy => {
                 let key = flow_key(id, ev);
@@ -434,11 +528,20 @@ impl FlowTracker {
                 // that was never answered, so never in the table.
                 if ev.status.is_some_and(|s| !s.has(Status::SEEN_REPLY)) {
                     observe_destroy(&end, &FlowState::default(), shard);
+                    if self.unanswered.is_some() {
+                        self.queue(Step {
+                            key,
+                            moment,
+                            end: None,
+                            live: LiveStep::Forget,
+                        });
+                    }
                 } else {
                     self.queue(Step {
                         key,
                         moment,
                         end: Some(end),
+                        live: LiveStep::No,
                     });
                 }
             }
@@ -499,18 +602,36 @@ impl FlowTracker {
     /// flow.
     #[inline]
     fn step(&mut self, step: Step, shard: &mut ShardWriter<'_>) {
-        let Step { key, moment, end } = step;
+        let Step {
+            key,
+            moment,
+            end,
+            live,
+        } = step;
         let overruns = self.overruns;
+        match live {
+            LiveStep::New => return self.enter_unanswered(key, moment.at, shard),
+            LiveStep::Forget => {
+                if let Some(table) = self.unanswered.as_mut() {
+                    table.remove(key);
+                }
+                return;
+            }
+            LiveStep::No | LiveStep::Reply(_) => {}
+        }
         let Some(end) = end else {
             // An event showing SEEN_REPLY: the first inserts the flow, at its
             // seen-reply moment.
             if let Some(flow) = self.table.get_mut(key) {
                 if moment.fin {
                     record_fin(flow, moment.at, overruns, moment.reset);
+                    if let LiveStep::Reply(block) = live {
+                        observe_fin_now(flow, block, shard);
+                    }
                 }
                 return;
             }
-            let fresh = FlowState {
+            let mut fresh = FlowState {
                 seen_reply_ns: Some(moment.at),
                 overruns_at_insert: overruns,
                 // Entered while the kernel may drop events unreported: its
@@ -522,9 +643,15 @@ impl FlowTracker {
                 },
                 ..FlowState::default()
             };
+            if let LiveStep::Reply(block) = live {
+                self.observe_reply_now(key, moment.at, block, &mut fresh, shard);
+            }
             let (flow, inserted) = self.table.insert(key, fresh);
             if moment.fin {
                 record_fin(flow, moment.at, overruns, moment.reset);
+                if let LiveStep::Reply(block) = live {
+                    observe_fin_now(flow, block, shard);
+                }
             }
             if let Inserted::Evicted { state, .. } = inserted {
                 shard.count(Counter::FlowsEvicted, 1);
@@ -536,6 +663,10 @@ impl FlowTracker {
             }
             return;
         };
+        if let Some(table) = self.unanswered.as_mut() {
+            // Its reply event never came (or came before its NEW was taken).
+            table.remove(key);
+        }
         let mut flow = self.table.remove(key).unwrap_or_else(|| {
             // An answered flow with no entry, though it started after every
             // loss this reader knows of: its reply event never came. The
@@ -567,6 +698,78 @@ impl FlowTracker {
             flow = FlowState::default();
         }
         observe_destroy(&end, &flow, shard);
+    }
+}
+
+impl FlowTracker {
+    /// With `--live-latency`: a NEW without a reply at `at`: the flow waits
+    /// in the unanswered table, the oldest unanswered flow making room.
+    fn enter_unanswered(&mut self, key: FlowKey, at: u64, shard: &mut ShardWriter<'_>) {
+        let Some(table) = self.unanswered.as_mut() else {
+            return;
+        };
+        let state = FlowState {
+            // Never 0, which marks a free entry.
+            started_ns: at.max(1),
+            overruns_at_insert: self.overruns,
+            loss_horizon_ns: if self.congested {
+                u64::MAX
+            } else {
+                self.loss_horizon_ns
+            },
+            ..FlowState::default()
+        };
+        if let (_, Inserted::Evicted { .. }) = table.insert(key, state) {
+            shard.count(Counter::UnansweredDropped, 1);
+        }
+    }
+
+    /// With `--live-latency`: the first reply of flow `key` at `at`. If its
+    /// NEW is in the unanswered table and no event of the flow can have been
+    /// lost since (it started after the loss horizon its NEW took, and no
+    /// overrun came between), its seen-reply latency is observed now, from
+    /// the NEW, and `fresh` (its entry to be) remembers that.
+    fn observe_reply_now(
+        &mut self,
+        key: FlowKey,
+        at: u64,
+        block: BlockId,
+        fresh: &mut FlowState,
+        shard: &mut ShardWriter<'_>,
+    ) {
+        let Some(new) = self.unanswered.as_mut().and_then(|t| t.remove(key)) else {
+            // Its NEW was not taken (before the subscription, or the oldest
+            // unanswered flow evicted): observed at its DESTROY, as without
+            // the flag.
+            return;
+        };
+        if new.started_ns <= new.loss_horizon_ns || new.overruns_at_insert != self.overruns {
+            return;
+        }
+        match at.checked_sub(new.started_ns) {
+            Some(l) => shard.observe_in(block, Series::SeenReplyLatency, l),
+            None => shard.count(Counter::EventsOrderErrors, 1),
+        }
+        fresh.live = true;
+        fresh.started_ns = new.started_ns;
+    }
+}
+
+/// With `--live-latency`: the FIN latency of a flow whose seen-reply latency
+/// was observed live, observed now if its FIN moment is complete and not
+/// observed yet.
+#[inline]
+fn observe_fin_now(flow: &mut FlowState, block: BlockId, shard: &mut ShardWriter<'_>) {
+    if !flow.live || flow.fin_observed || !flow.fin_complete {
+        return;
+    }
+    let Some(fin) = flow.fin_ns else {
+        return;
+    };
+    flow.fin_observed = true;
+    match fin.checked_sub(flow.started_ns) {
+        Some(l) => shard.observe_in(block, Series::FinLatency, l),
+        None => shard.count(Counter::EventsOrderErrors, 1),
     }
 }
 
@@ -665,16 +868,27 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
     let whole = start > flow.loss_horizon_ns;
     // An entry is inserted at its flow's seen-reply moment, so no overrun
     // can come between the two: that moment counts when the flow is whole.
-    if let (Some(at), true) = (flow.seen_reply_ns, whole) {
+    // A flow observed live (--live-latency) was observed at its reply.
+    if let (Some(at), true, false) = (flow.seen_reply_ns, whole, flow.live) {
         match at.checked_sub(start) {
             Some(l) => shard.observe_in(end.block, Series::SeenReplyLatency, l),
             None => shard.count(Counter::EventsOrderErrors, 1),
         }
     }
-    if let (Some(at), true, true, true) = (flow.fin_ns, flow.fin_complete, end.tcp(), whole) {
-        match at.checked_sub(start) {
+    // A live flow's FIN latency runs from its NEW, as observed at the FIN
+    // (or here, for a reset that only its DESTROY shows); the throughput
+    // takes the same latency.
+    let (begin, measured) = if flow.live {
+        (flow.started_ns, true)
+    } else {
+        (start, whole)
+    };
+    if let (Some(at), true, true, true) = (flow.fin_ns, flow.fin_complete, end.tcp(), measured) {
+        match at.checked_sub(begin) {
             Some(l) => {
-                shard.observe_in(end.block, Series::FinLatency, l);
+                if !flow.fin_observed {
+                    shard.observe_in(end.block, Series::FinLatency, l);
+                }
                 if l > 0 {
                     for (bytes, series) in [
                         (to.bytes, Series::FinThroughputToService),
@@ -692,6 +906,7 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
                     }
                 }
             }
+            None if flow.fin_observed => {}
             None => shard.count(Counter::EventsOrderErrors, 1),
         }
     }
@@ -1575,10 +1790,16 @@ mod tests {
                 [0, 0, 0, 0],
             ),
         ];
-        for (file, seen_reply, fin, durations, outcomes, counts) in cases {
+        // With --live-latency too: observed at other events, as often.
+        for ((file, seen_reply, fin, durations, outcomes, counts), live) in
+            cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+        {
             let run = Run::new();
             let services = ServiceFilter::new(vec!["10.96.0.0/16".parse().unwrap()], vec![]);
             let mut t = FlowTracker::new(services, 1024);
+            if live {
+                t = t.with_live_latency(1024);
+            }
             let bytes = std::fs::read(dir.join(file)).unwrap();
             let events: Vec<CtEvent> = capture::records(&bytes)
                 .map(|r| CtEvent::parse(r.unwrap()).unwrap())
@@ -1593,6 +1814,7 @@ mod tests {
             assert_eq!(s.count(outcomes), durations, "{file}: one outcome a flow");
             assert_eq!(s.counter(Counter::EventsOrderErrors), 0, "{file}");
             assert_eq!(t.flows(), 0, "{file}: every flow ended");
+            assert_eq!(t.unanswered(), 0, "{file}: every flow ended");
         }
     }
 
@@ -1601,6 +1823,14 @@ mod tests {
     /// default): the same observations, value for value.
     #[test]
     fn the_events_the_filter_drops_change_no_observation() {
+        for live in [false, true] {
+            filtered_and_unfiltered_agree(live);
+        }
+    }
+
+    /// [`the_events_the_filter_drops_change_no_observation`], with or
+    /// without `--live-latency` (whose filter also passes every NEW).
+    fn filtered_and_unfiltered_agree(live: bool) {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let mut dropped = 0;
         for file in [
@@ -1615,7 +1845,11 @@ mod tests {
             let events: Vec<CtEvent> = capture::records(&bytes)
                 .map(|r| CtEvent::parse(r.unwrap()).unwrap())
                 .collect();
-            let used: Vec<CtEvent> = events.iter().copied().filter(tracker_may_use).collect();
+            let used: Vec<CtEvent> = events
+                .iter()
+                .copied()
+                .filter(|e| tracker_may_use_with(e, live))
+                .collect();
             dropped += events.len() - used.len();
             // A capture that starts mid-traffic: flows started before its
             // first event are not whole, as after a late subscription.
@@ -1630,6 +1864,9 @@ mod tests {
                     KernelFiltered::default(),
                     first,
                 );
+                if live {
+                    t = t.with_live_latency(1 << 14);
+                }
                 run.feed(&mut t, events);
                 (run.snap(), t.flows())
             });
@@ -1643,9 +1880,141 @@ mod tests {
             }
             assert_eq!(a_flows, b_flows, "{file}");
         }
-        // The NEWs before the reply, and the UPDATEs after ASSURED in an
-        // open state (ESTABLISHED).
-        assert!(dropped > 600, "{dropped}");
+        // The NEWs before the reply (not with live), and the UPDATEs after
+        // ASSURED in an open state (ESTABLISHED).
+        assert!(dropped > if live { 100 } else { 600 }, "{live}: {dropped}");
+    }
+
+    fn live_tracker(flows: usize, unanswered: usize) -> FlowTracker {
+        FlowTracker::new(filter(), flows).with_live_latency(unanswered)
+    }
+
+    #[test]
+    fn live_latencies_are_observed_at_the_reply_and_the_fin_and_once() {
+        use TcpState as S;
+        let run = Run::new();
+        let mut t = live_tracker(16, 16);
+        let events = tcp_flow(1, &[S::SYN_RECV, S::ESTABLISHED, S::FIN_WAIT, S::TIME_WAIT]);
+        // NEW at T0+1ms, SYN_RECV at T0+2ms: 1 ms from the NEW, at once.
+        run.feed(&mut t, &events[..2]);
+        let s = run.snap();
+        assert_eq!(
+            (
+                s.count(Series::SeenReplyLatency),
+                s.sum(Series::SeenReplyLatency)
+            ),
+            (1, MS as f64)
+        );
+        assert_eq!(
+            (s.count(Series::FinLatency), s.count(Series::Duration)),
+            (0, 0)
+        );
+        assert_eq!((t.flows(), t.unanswered()), (1, 0));
+        // FIN_WAIT at T0+4ms: 3 ms from the NEW, at once.
+        run.feed(&mut t, &events[2..4]);
+        let s = run.snap();
+        assert_eq!(
+            (s.count(Series::FinLatency), s.sum(Series::FinLatency)),
+            (1, (3 * MS) as f64)
+        );
+        // The DESTROY: duration, bytes, throughput (over the same 3 ms), and
+        // no latency again.
+        run.feed(&mut t, &events[4..]);
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 1);
+        assert_eq!(s.count(Series::FinLatency), 1);
+        assert_eq!(s.count(Series::Duration), 1);
+        // 346 bytes in 3 ms, in thousandths of a byte per second.
+        assert_eq!(s.sum(Series::FinThroughputToService), 115_333_333.0);
+        assert_eq!(s.counter(Counter::EventsOrderErrors), 0);
+        assert_eq!((t.flows(), t.unanswered()), (0, 0));
+    }
+
+    #[test]
+    fn a_flow_whose_new_was_not_taken_is_observed_at_its_destroy() {
+        use TcpState as S;
+        let run = Run::new();
+        let mut t = live_tracker(16, 16);
+        let events = tcp_flow(1, &[S::SYN_RECV, S::ESTABLISHED, S::FIN_WAIT]);
+        run.feed(&mut t, &events[1..]);
+        let s = run.snap();
+        // As without the flag: from the kernel's start stamp, T0.
+        assert_eq!(s.sum(Series::SeenReplyLatency), (2 * MS) as f64);
+        assert_eq!(s.sum(Series::FinLatency), (4 * MS) as f64);
+        assert_eq!(s.count(Series::SeenReplyLatency), 1);
+    }
+
+    #[test]
+    fn an_overrun_between_the_new_and_the_reply_leaves_the_flow_unmeasured() {
+        use TcpState as S;
+        let run = Run::new();
+        let mut t = live_tracker(16, 16);
+        let events = tcp_flow(1, &[S::SYN_RECV, S::FIN_WAIT]);
+        run.feed(&mut t, &events[..1]);
+        run.overrun(&mut t, T0 + MS + MS / 2);
+        run.drained(&mut t, T0 + MS + MS / 2);
+        run.feed(&mut t, &events[1..]);
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 0);
+        assert_eq!(s.count(Series::FinLatency), 0);
+        assert_eq!(s.count(Series::Duration), 1);
+    }
+
+    #[test]
+    fn unanswered_flows_evict_only_their_own_kind_and_are_counted_awaiting() {
+        use TcpState as S;
+        let run = Run::new();
+        let mut t = live_tracker(16, 4);
+        // Three answered flows, open.
+        let answered: Vec<Vec<CtEvent>> = (1..=3)
+            .map(|id| tcp_flow(id, &[S::SYN_RECV, S::ESTABLISHED]))
+            .collect();
+        for flow in &answered {
+            run.feed(&mut t, &flow[..3]);
+        }
+        assert_eq!((t.flows(), t.unanswered()), (3, 0));
+        // A flood of 100 SYNs never answered, from T0 + 10 ms on, 1 ms apart.
+        let syns: Vec<CtEvent> = (0..100)
+            .map(|i| {
+                let mut e = ev(
+                    EventKind::New,
+                    1000 + i,
+                    6,
+                    Some(S::SYN_SENT),
+                    NAT,
+                    T0 + (10 + u64::from(i)) * MS,
+                );
+                e.orig.as_mut().unwrap().src_port = Some(50_000 + i as u16);
+                e
+            })
+            .collect();
+        run.feed(&mut t, &syns);
+        let s = run.snap();
+        assert_eq!(s.counter(Counter::UnansweredDropped), 96);
+        assert_eq!((t.flows(), t.unanswered()), (3, 4));
+        // The newest four are kept; none is a second old until T0 + 1.106 s.
+        assert_eq!(t.awaiting_reply(T0 + 1_105 * MS), 0);
+        assert_eq!(t.awaiting_reply(T0 + 1_107 * MS), 2);
+        assert_eq!(t.awaiting_reply(T0 + 5_000 * MS), 4);
+        // The answered flows end measured: their latencies were observed at
+        // their replies, and nothing was evicted from their table.
+        for flow in &answered {
+            run.feed(&mut t, &flow[3..]);
+        }
+        let s = run.snap();
+        assert_eq!(s.count(Series::SeenReplyLatency), 3);
+        assert_eq!(s.count(Series::Duration), 3);
+        assert_eq!(s.counter(Counter::FlowsEvicted), 0);
+        // A DESTROY of an unanswered flow takes it out of the count.
+        let mut gone = syns[99];
+        gone.kind = EventKind::Destroy;
+        gone.timestamp = Some(Timestamp {
+            start: Some(T0 + 109 * MS),
+            stop: Some(T0 + 2_000 * MS),
+        });
+        run.feed(&mut t, &[gone]);
+        assert_eq!(t.unanswered(), 3);
+        assert_eq!(t.awaiting_reply(T0 + 5_000 * MS), 3);
     }
 
     #[test]

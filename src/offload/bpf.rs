@@ -99,7 +99,7 @@ use crate::wire::nla::NLA_HDRLEN;
 use crate::wire::{Status, TcpState};
 
 #[cfg(doc)]
-use crate::flow::{tracker_may_use, ServiceFilter};
+use crate::flow::{tracker_may_use, tracker_may_use_with, ServiceFilter};
 
 /// The kernel's limit on a classic BPF program's length (`BPF_MAXINSNS`).
 pub const BPF_MAXINSNS: usize = 4096;
@@ -186,6 +186,9 @@ pub enum FlowEvents {
     /// ([`tracker_may_use`]): every DESTROY, and the NEW and UPDATE events
     /// that can be a flow's first reply or first closing state.
     Used,
+    /// [`FlowEvents::Used`] and every NEW (`--live-latency`: a flow's start
+    /// is its NEW).
+    UsedLive,
 }
 
 /// Builds the socket filter that passes the events of flows to `services`
@@ -303,9 +306,9 @@ fn v6_destination(a: &mut Asm, services: &Lists, excluded: &Lists, keep: Verdict
 /// An event of a kept flow: with [`FlowEvents::Used`] only the events the
 /// tracker may use, and with a share only the reader's flows, pass.
 fn kept_flow(a: &mut Asm, share: Option<ReaderShare>, events: FlowEvents) {
-    if events == FlowEvents::Used {
+    if events != FlowEvents::All {
         let used = a.label();
-        used_events_only(a, used);
+        used_events_only(a, used, events == FlowEvents::UsedLive);
         a.bind(used);
     }
     if let Some(share) = share {
@@ -318,15 +321,16 @@ fn kept_flow(a: &mut Asm, share: Option<ReaderShare>, events: FlowEvents) {
         a.stmt(ALU | MOD | K, share.count());
         a.ret_if(JEQ, share.index(), PASS);
         a.ret(DROP);
-    } else if events == FlowEvents::Used {
+    } else if events != FlowEvents::All {
         a.ret(PASS);
     }
 }
 
-/// The rule of [`tracker_may_use`], for an event of a kept flow: drops it or
-/// goes on at `used`. `A` and `X` are free. Whatever it cannot read (no
-/// status, an attribute of another size) goes on: userspace judges it.
-fn used_events_only(a: &mut Asm, used: usize) {
+/// The rule of [`tracker_may_use_with`] (`live`: every NEW too), for an
+/// event of a kept flow: drops it or goes on at `used`. `A` and `X` are
+/// free. Whatever it cannot read (no status, an attribute of another size)
+/// goes on: userspace judges it.
+fn used_events_only(a: &mut Asm, used: usize, live: bool) {
     // Every DESTROY.
     a.stmt(LD | H | ABS, 4);
     a.jump(
@@ -335,6 +339,10 @@ fn used_events_only(a: &mut Asm, used: usize) {
         To::Label(used),
         To::Skip(0),
     );
+    if live {
+        // Every NEW.
+        a_new_goes_to(a, used);
+    }
     // A NEW or UPDATE without SEEN_REPLY: dropped.
     a.stmt(LD | IMM, (NLMSG_HDRLEN + NFGENMSG_LEN) as u32);
     a.stmt(LDX | IMM, u32::from(CTA_STATUS));
@@ -348,13 +356,7 @@ fn used_events_only(a: &mut Asm, used: usize) {
     a.ret(DROP);
     // With it: a NEW, or an UPDATE before ASSURED, may be the first reply.
     a.jump(JSET, Status::ASSURED, To::Skip(0), To::Label(used));
-    a.stmt(LD | H | ABS, 6);
-    a.jump(
-        JSET,
-        ldh_value(NLM_F_CREATE | NLM_F_EXCL),
-        To::Label(used),
-        To::Skip(0),
-    );
+    a_new_goes_to(a, used);
     // An UPDATE after ASSURED: only in a closing TCP state (the FIN).
     find_attribute(
         a,
@@ -367,6 +369,18 @@ fn used_events_only(a: &mut Asm, used: usize) {
     a.stmt(LD | B | IND, NLA_HDRLEN as u32);
     a.ret_unless(JGE, u32::from(TcpState::FIN_WAIT.0), DROP);
     a.ret_if(JGT, u32::from(TcpState::CLOSE.0), DROP);
+}
+
+/// A NEW (its netlink flags have CREATE or EXCL) goes on at `used`; any
+/// other event to the next instruction. Clobbers `A`.
+fn a_new_goes_to(a: &mut Asm, used: usize) {
+    a.stmt(LD | H | ABS, 6);
+    a.jump(
+        JSET,
+        ldh_value(NLM_F_CREATE | NLM_F_EXCL),
+        To::Label(used),
+        To::Skip(0),
+    );
 }
 
 /// Leaves in `A` the offset of the attribute at `path` (a top-level type,

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use crate::flow::{tracker_may_use, ReaderShare, ServiceFilter, Subnet};
+use crate::flow::{tracker_may_use_with, ReaderShare, ServiceFilter, Subnet};
 use crate::offload::bpf::{listing, service_event_filter, FlowEvents};
 use crate::sys::filter::loopback::Loopback;
 use crate::wire::ctnetlink::{AF_INET, AF_INET6, CTA_ID, CTA_TUPLE_IP, CTA_TUPLE_ORIG};
@@ -31,7 +31,8 @@ fn userspace_keeps(
         Message::Event(ev) => {
             filter.to_service(&ev)
                 && share.is_none_or(|s| s.owns(ev.id))
-                && (events == FlowEvents::All || tracker_may_use(&ev))
+                && (events == FlowEvents::All
+                    || tracker_may_use_with(&ev, events == FlowEvents::UsedLive))
         }
         _ => true,
     }
@@ -192,7 +193,7 @@ fn the_kernel_agrees_with_userspace_on_every_captured_message() {
     ];
     for (services, excluded) in cases {
         let (services, excluded) = (subnets(services), subnets(excluded));
-        for events in [FlowEvents::All, FlowEvents::Used] {
+        for events in [FlowEvents::All, FlowEvents::Used, FlowEvents::UsedLive] {
             let passed = agree(&messages, &services, &excluded, None, events);
             let mut union = 0;
             for share in [0, 1, 2].map(|i| ReaderShare::new(i, 3).ok()) {
@@ -232,7 +233,7 @@ fn the_kernel_agrees_with_userspace_on_synthetic_ipv4_ipv6_and_control_messages(
     ];
     for (services, excluded) in cases {
         let (services, excluded) = (subnets(services), subnets(excluded));
-        for events in [FlowEvents::All, FlowEvents::Used] {
+        for events in [FlowEvents::All, FlowEvents::Used, FlowEvents::UsedLive] {
             let passed = agree(&messages, &services, &excluded, None, events);
             for count in [1, 2, 3, 7] {
                 let mut union = 0;
@@ -246,7 +247,7 @@ fn the_kernel_agrees_with_userspace_on_synthetic_ipv4_ipv6_and_control_messages(
         }
     }
     // Control messages pass even with no Service subnet at all.
-    for events in [FlowEvents::All, FlowEvents::Used] {
+    for events in [FlowEvents::All, FlowEvents::Used, FlowEvents::UsedLive] {
         assert_eq!(agree(&messages, &[], &[], None, events), 7);
     }
     // Of the events to 10.96.0.10, per kind and 7 variants, Used keeps

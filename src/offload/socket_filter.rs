@@ -31,23 +31,24 @@ impl SocketFilters {
     /// The filters for `readers` readers of flows to `services` and none of
     /// `excluded`; `by_service` is false with `--no-socket-filter`, and
     /// `print_events` passes every event of the flows kept (it shows them
-    /// all).
+    /// all); `live` (`--live-latency`) passes every NEW of them too.
     pub fn new(
         services: &[Subnet],
         excluded: &[Subnet],
         readers: u32,
         by_service: bool,
         print_events: bool,
+        live: bool,
     ) -> SocketFilters {
         SocketFilters {
             services: services.to_vec(),
             excluded: excluded.to_vec(),
             readers: readers.max(1),
             by_service,
-            events: if by_service && !print_events {
-                FlowEvents::Used
-            } else {
-                FlowEvents::All
+            events: match (by_service && !print_events, live) {
+                (true, false) => FlowEvents::Used,
+                (true, true) => FlowEvents::UsedLive,
+                (false, _) => FlowEvents::All,
             },
         }
     }

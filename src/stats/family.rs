@@ -459,11 +459,14 @@ pub enum Counter {
     /// Service flows counted in the overflow series: `--max-services`
     /// Services already had series of their own.
     ServiceBudgetOverflow,
+    /// With `--live-latency`: unanswered flows dropped from their full
+    /// table (the oldest first) to make room for a newer NEW.
+    UnansweredDropped,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::EventsNew,
         Counter::EventsUpdate,
         Counter::EventsDestroy,
@@ -476,6 +479,7 @@ impl Counter {
         Counter::DuplicateDestroys,
         Counter::LostDestroys,
         Counter::ServiceBudgetOverflow,
+        Counter::UnansweredDropped,
     ];
 
     /// Slot of the counter among the shard's own slots.
