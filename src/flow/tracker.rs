@@ -634,13 +634,7 @@ impl FlowTracker {
             let mut fresh = FlowState {
                 seen_reply_ns: Some(moment.at),
                 overruns_at_insert: overruns,
-                // Entered while the kernel may drop events unreported: its
-                // first reply may have been one of them.
-                loss_horizon_ns: if self.congested {
-                    u64::MAX
-                } else {
-                    self.loss_horizon_ns
-                },
+                loss_horizon_ns: self.entry_horizon(),
                 ..FlowState::default()
             };
             if let LiveStep::Reply(block) = live {
@@ -702,22 +696,30 @@ impl FlowTracker {
 }
 
 impl FlowTracker {
+    /// The loss horizon a flow entering a table now takes: past everything
+    /// while the kernel may drop events unreported (its first events may
+    /// have been among them).
+    #[inline]
+    fn entry_horizon(&self) -> u64 {
+        if self.congested {
+            u64::MAX
+        } else {
+            self.loss_horizon_ns
+        }
+    }
+
     /// With `--live-latency`: a NEW without a reply at `at`: the flow waits
     /// in the unanswered table, the oldest unanswered flow making room.
     fn enter_unanswered(&mut self, key: FlowKey, at: u64, shard: &mut ShardWriter<'_>) {
-        let Some(table) = self.unanswered.as_mut() else {
-            return;
-        };
         let state = FlowState {
             // Never 0, which marks a free entry.
             started_ns: at.max(1),
             overruns_at_insert: self.overruns,
-            loss_horizon_ns: if self.congested {
-                u64::MAX
-            } else {
-                self.loss_horizon_ns
-            },
+            loss_horizon_ns: self.entry_horizon(),
             ..FlowState::default()
+        };
+        let Some(table) = self.unanswered.as_mut() else {
+            return;
         };
         if let (_, Inserted::Evicted { .. }) = table.insert(key, state) {
             shard.count(Counter::UnansweredDropped, 1);

@@ -189,19 +189,18 @@ impl Endpoint {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stop = Arc::new(AtomicBool::new(false));
-        let reload = web.as_ref().map(|_| Arc::new(AtomicBool::new(false)));
-        let secured = match web {
+        let (secured, reload) = match web {
             Some((path, config)) => {
-                let asked = Arc::clone(reload.as_ref().expect("made with web"));
+                let asked = Arc::new(AtomicBool::new(false));
                 let gate = Gate::start(
                     Arc::clone(&config.users),
                     config.rate_limit,
                     Arc::clone(&waker),
                 )?;
-                let watch = web::Watch::new(path, config, asked);
-                Some(Secured { watch, gate })
+                let watch = web::Watch::new(path, config, Arc::clone(&asked));
+                (Some(Secured { watch, gate }), Some(asked))
             }
-            None => None,
+            None => (None, None),
         };
         let handle = StopHandle {
             stop: Arc::clone(&stop),
@@ -251,11 +250,7 @@ impl Endpoint {
         } = self;
         let reuse_for = limits.min_render_interval;
         let mut responder = Responder::new(render, ready, healthy, reuse_for);
-        let mut server = Server::new(limits, secured);
-        if let Some(headers) = server.headers() {
-            responder.headers = headers;
-        }
-        server.run(&mut poll, &listener, &stop, &mut responder)
+        Server::new(limits, secured).run(&mut poll, &listener, &stop, &mut responder)
     }
 }
 

@@ -36,7 +36,6 @@ use super::connection::{Accepted, Budget, Conn, Limits, Next, Phase, Serve, DRAI
 use super::response::{write_reply, Responder, Status};
 use super::transport::Transport;
 use super::web::Watch;
-use crate::expo::web_config::WebConfig;
 use crate::stats::self_metrics::{HTTP_REFUSED, HTTP_TLS_ERRORS};
 
 pub(super) const LISTENER: Token = Token(0);
@@ -82,8 +81,6 @@ pub(super) struct Server {
     refused_busy: Counter,
     /// The serial number of the next connection.
     next_id: u64,
-    /// TLS for every new connection, when the web configuration says so.
-    tls: Option<Arc<rustls::ServerConfig>>,
     /// Connections closed for a TLS error (a failed handshake: plain HTTP
     /// or an old TLS version on the TLS port, an unknown client
     /// certificate).
@@ -111,9 +108,9 @@ impl std::fmt::Debug for Secured {
 
 impl Server {
     pub(super) fn new(limits: Limits, secured: Option<Secured>) -> Server {
-        let (tls, gate, watch) = match secured {
-            Some(Secured { watch, gate }) => (watch.current.tls.clone(), Some(gate), Some(watch)),
-            None => (None, None, None),
+        let (gate, watch) = match secured {
+            Some(Secured { watch, gate }) => (Some(gate), Some(watch)),
+            None => (None, None),
         };
         Server {
             limits,
@@ -130,7 +127,6 @@ impl Server {
             refused_peer: metrics::counter!(HTTP_REFUSED, "reason" => "peer cap"),
             refused_busy: metrics::counter!(HTTP_REFUSED, "reason" => "connection cap"),
             next_id: 0,
-            tls,
             tls_errors: metrics::counter!(HTTP_TLS_ERRORS),
             gate,
             watch,
@@ -138,19 +134,16 @@ impl Server {
         }
     }
 
-    /// The headers of the configuration in force, for the responder.
-    pub(super) fn headers(&self) -> Option<Arc<[u8]>> {
-        self.watch.as_ref().map(|w| Arc::clone(&w.current.headers))
-    }
-
-    /// Puts a reloaded configuration in force: new connections get its TLS,
-    /// requests from now on its users and headers.
-    fn apply(&mut self, new: &WebConfig, responder: &mut Responder<'_>) {
-        self.tls = new.tls.clone();
-        responder.headers = Arc::clone(&new.headers);
-        if let Some(gate) = self.gate.as_mut() {
-            gate.reconfigure(Arc::clone(&new.users), new.rate_limit);
-        }
+    /// Puts the web configuration in force (at the start and after each
+    /// reload): connections accepted from now on get its TLS (read from
+    /// the watch at each accept), requests its users and headers.
+    fn apply(&mut self, responder: &mut Responder<'_>) {
+        let (Some(watch), Some(gate)) = (self.watch.as_ref(), self.gate.as_mut()) else {
+            return;
+        };
+        let config = &watch.current;
+        responder.headers = Arc::clone(&config.headers);
+        gate.reconfigure(Arc::clone(&config.users), config.rate_limit);
     }
 
     /// Hands the password checks' answers to their connections.
@@ -182,14 +175,15 @@ impl Server {
         responder: &mut Responder<'_>,
     ) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS);
+        self.apply(responder);
         loop {
             // Acquire pairs with the Release store in `StopHandle::stop`.
             if stop.load(Ordering::Acquire) {
                 return Ok(());
             }
             let now = Instant::now();
-            if let Some(new) = self.watch.as_mut().and_then(|w| w.look(now)) {
-                self.apply(&new, responder);
+            if self.watch.as_mut().is_some_and(|w| w.look(now)) {
+                self.apply(responder);
             }
             let timeout = if self.again.is_empty() {
                 self.next_deadline()
@@ -288,7 +282,8 @@ impl Server {
         } else if !self.evict_oldest_waiting(None, registry, now, responder) {
             self.refused_busy.increment(1);
         }
-        let io = match &self.tls {
+        let tls = self.watch.as_ref().and_then(|w| w.current.tls.as_ref());
+        let io = match tls {
             None => Transport::Plain(stream),
             Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
                 Ok(tls) => Transport::tls(stream, tls),

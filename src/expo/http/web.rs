@@ -56,19 +56,20 @@ impl Watch {
         }
     }
 
-    /// A new configuration when one was asked for (SIGHUP) or the files
-    /// changed, and it loads; `None` otherwise (nothing to do, or a broken
-    /// file, which is logged and counted).
-    pub(super) fn look(&mut self, now: Instant) -> Option<WebConfig> {
+    /// Reads the file again when that was asked for (SIGHUP) or the files
+    /// changed; true when a new configuration is in force (`current`),
+    /// false otherwise (nothing to do, or a broken file, which is logged
+    /// and counted).
+    pub(super) fn look(&mut self, now: Instant) -> bool {
         // Acquire pairs with the Release store in `StopHandle::reload`.
         let asked = self.asked.swap(false, Ordering::Acquire);
         if !asked && now < self.next_look {
-            return None;
+            return false;
         }
         self.next_look = now + WATCH_EVERY;
         if !asked {
             match Fingerprint::of(&self.current.files) {
-                Some(f) if f == self.current.fingerprint => return None,
+                Some(f) if f == self.current.fingerprint => return false,
                 // Changed, or gone: a rotation may be half done; load says.
                 _ => {}
             }
@@ -88,8 +89,8 @@ impl Watch {
                 self.failed = None;
                 self.ok.increment(1);
                 self.in_force.set(1.0);
-                self.current = new.clone();
-                Some(new)
+                self.current = new;
+                true
             }
             Err(e) => {
                 // What the files in force hold now: a broken content is
@@ -104,7 +105,7 @@ impl Watch {
                     self.in_force.set(0.0);
                 }
                 self.failed = Some(fresh);
-                None
+                false
             }
         }
     }
