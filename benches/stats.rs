@@ -128,6 +128,7 @@ fn scrape(c: &mut Criterion) {
     let options = ScrapeOptions {
         node: "node-1".into(),
         legacy_names: false,
+        awaiting_reply: false,
     };
     let mut exposition = Exposition::new(Arc::clone(&registry), options);
     let mut out = Vec::with_capacity(64 << 10);

@@ -463,6 +463,7 @@ fn serve(
     let options = ScrapeOptions {
         node: config.node_name.clone(),
         legacy_names: config.legacy_names,
+        awaiting_reply: config.live_latency,
     };
     let mut exposition = Exposition::new(registry, options);
     if config.service_labels {

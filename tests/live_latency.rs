@@ -5,7 +5,9 @@
 //! `service_flows_awaiting_reply` within 3 s and the gauge falls when the
 //! flow ends; `ab` through a ClusterIP still gives exact counts in every
 //! histogram (the nft counters); a flood of unanswered SYNs drops only
-//! unanswered flows and leaves every answered one measured. Needs root.
+//! unanswered flows and leaves every answered one measured; with
+//! `--service-labels` the gauge names the Service that does not answer.
+//! Needs root.
 
 mod common;
 
@@ -13,7 +15,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::exporter::{get, scrape_until, start, value};
+use common::exporter::{get, promtool_check, samples, scrape_until, start, total, value};
 use common::netns::{kernel_tests_possible, VirtualNode};
 use common::traffic::{nft_counter, service_node};
 
@@ -63,11 +65,22 @@ fn within(
     want: f64,
     limit: Duration,
 ) -> Option<Duration> {
+    until(vn, port, limit, |text| value(text, series) == want).map(|(took, _)| took)
+}
+
+/// Scrapes every 100 ms until `done` holds for the body or `limit` passes;
+/// the time it took and that body, or `None`.
+fn until(
+    vn: &VirtualNode,
+    port: u16,
+    limit: Duration,
+    done: impl Fn(&str) -> bool,
+) -> Option<(Duration, String)> {
     let t0 = Instant::now();
     while t0.elapsed() < limit {
         let (_, text) = get(vn, port, "/metrics", None);
-        if value(&text, series) == want {
-            return Some(t0.elapsed());
+        if done(&text) {
+            return Some((t0.elapsed(), text));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -167,6 +180,70 @@ time.sleep(60)
     let took = within(&vn, PORT, AWAITING, 0.0, Duration::from_secs(3));
     assert!(took.is_some(), "the gauge did not fall when the flow ended");
     assert_eq!(scrape(&vn, PORT, SEEN_REPLY), 0.0);
+}
+
+/// The awaiting-reply gauge's samples for Service `vip`, one a reader's
+/// block merged into each: their values.
+fn awaiting_of(text: &str, vip: &str) -> Vec<f64> {
+    let name = "conntrack_monitoring_service_flows_awaiting_reply";
+    samples(text, name, &[("service_ip", vip)])
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// With `--service-labels` the gauge says which Service is not answering:
+/// two connections to the blackholed one (from two readers' shards, added
+/// up) show under its labels within 3 s, the healthy Service with a
+/// connection open shows 0, and the count falls when the flows end.
+#[test]
+fn with_service_labels_the_awaiting_gauge_names_the_service_not_answering() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut vn = node();
+    const PORT: u16 = 9153;
+    let _out = start(
+        &mut vn,
+        PORT,
+        &["--live-latency", "--service-labels", "--readers", "2"],
+    );
+    let script = r#"
+import socket, time
+h = socket.create_connection(("10.96.4.1", 80), timeout=5)
+dark = []
+for _ in range(2):
+    s = socket.socket(); s.setblocking(False); s.connect_ex(("10.96.4.2", 80)); dark.append(s)
+print("sent", flush=True)
+time.sleep(60)
+"#;
+    let _lines = client_script(&mut vn, script, "sent");
+    let three = Duration::from_secs(3);
+    let dark_at = |n: f64| move |text: &str| awaiting_of(text, "10.96.4.2") == [n];
+    let Some((took, text)) = until(&vn, PORT, three, dark_at(2.0)) else {
+        panic!("the dark Service's gauge did not reach 2 within 3 s");
+    };
+    eprintln!("the dark Service's gauge at 2 after {took:?}");
+    let name = "conntrack_monitoring_service_flows_awaiting_reply";
+    let dark = samples(&text, name, &[("service_ip", "10.96.4.2")]);
+    let labels = &dark[0].0;
+    assert_eq!(labels["service_port"], "80");
+    assert_eq!(labels["protocol"], "tcp");
+    assert_eq!(awaiting_of(&text, "10.96.4.1"), [0.0], "the healthy one");
+    assert_eq!(awaiting_of(&text, "other"), [0.0], "the overflow");
+    // Every series carries the Service labels: no node-level one.
+    let all = samples(&text, name, &[]);
+    assert!(
+        all.iter().all(|(l, _)| l.contains_key("service_ip")),
+        "{all:?}"
+    );
+    assert_eq!(total(&text, name, &[]), 2.0);
+    promtool_check(&text);
+    vn.exec(&vn.node, &["conntrack", "-D", "-d", "10.96.4.2"]);
+    assert!(
+        until(&vn, PORT, three, dark_at(0.0)).is_some(),
+        "the gauge did not fall when the flows ended"
+    );
 }
 
 /// `n` connection attempts to the blackholed Service from distinct source

@@ -23,10 +23,10 @@ use super::formatting::{
     write_counter_meta, write_go_float, write_help, write_sample, write_type, Value,
 };
 use super::http::Format;
-use crate::stats::family::{HistogramFamily, NAMESPACE};
+use crate::stats::family::{HistogramFamily, AWAITING_REPLY, AWAITING_REPLY_HELP, NAMESPACE};
 use crate::stats::self_metrics::{FamilyView, Kind, SeriesValue};
 use crate::stats::{
-    BlockLabels, Counter, Outcome, Quantiles, Registry, Series, SeriesKey, Snapshot,
+    BlockGauge, BlockLabels, Counter, Outcome, Quantiles, Registry, Series, SeriesKey, Snapshot,
 };
 
 /// What a scrape shows besides the registry's values.
@@ -36,6 +36,8 @@ pub struct ScrapeOptions {
     pub node: String,
     /// Also write the original's counters and summaries under its names.
     pub legacy_names: bool,
+    /// Write `service_flows_awaiting_reply` (`--live-latency`).
+    pub awaiting_reply: bool,
 }
 
 /// The label names and values of a run-time [`SeriesKey`], written after
@@ -173,6 +175,9 @@ impl Exposition {
             self.histogram(family, out);
         }
         self.flow_outcomes(format, out);
+        if self.options.awaiting_reply {
+            self.awaiting_reply(out);
+        }
         for legacy in [false, true] {
             if legacy && !self.options.legacy_names {
                 continue;
@@ -274,6 +279,25 @@ impl Exposition {
                     write_sample(out, &sample, "", &labels, Value::Count(n));
                 }
             }
+        }
+    }
+
+    /// `service_flows_awaiting_reply` (`--live-latency`): a gauge per block,
+    /// with the label sets of the Service histograms (the node's alone
+    /// without Service labels; with them, each Service's and the overflow's).
+    fn awaiting_reply(&self, out: &mut Vec<u8>) {
+        let name = full_name(AWAITING_REPLY, "");
+        write_help(out, &name, AWAITING_REPLY_HELP);
+        write_type(out, &name, "gauge");
+        let node = self.options.node.as_str();
+        let mut key = Vec::new();
+        for block in self.snapshot.blocks() {
+            key.clear();
+            if let BlockLabels::Key(k) = block.labels() {
+                self.key_labels.labels(k, &mut key);
+            }
+            let n = block.gauge(BlockGauge::AwaitingReply);
+            write_sample(out, &name, "", &labels(None, node, &key), Value::Count(n));
         }
     }
 
@@ -576,6 +600,7 @@ mod tests {
         ScrapeOptions {
             node: "n1".into(),
             legacy_names: false,
+            awaiting_reply: false,
         }
     }
 
@@ -596,6 +621,7 @@ mod tests {
         let opts = ScrapeOptions {
             node: "n1".into(),
             legacy_names: true,
+            awaiting_reply: false,
         };
         let ours = service_shape(&render(opts, Format::Prometheus, registry(2)));
         let theirs = service_shape(&original());
@@ -702,6 +728,7 @@ mod tests {
         let opts = ScrapeOptions {
             node: "n1".into(),
             legacy_names: true,
+            awaiting_reply: false,
         };
         let text = render(opts.clone(), Format::Prometheus, Arc::clone(&shards));
         for line in [
@@ -774,6 +801,51 @@ mod tests {
         assert!(om.ends_with("# EOF\n"));
     }
 
+    #[test]
+    fn flows_awaiting_a_reply_are_a_gauge_per_block_with_live_latency() {
+        let set = ShardSet::with_blocks(2, SummaryWindow::from_minutes(10), 3);
+        let (b1, b2) = (set.block(1).unwrap(), set.block(2).unwrap());
+        {
+            let (mut w0, mut w1) = (set.writer(0).unwrap(), set.writer(1).unwrap());
+            w0.relabel(b1, Some(BlockLabels::Key(SeriesKey([10, 53, 0]))));
+            w0.relabel(b2, Some(BlockLabels::Key(SeriesKey([2, 80, 0]))));
+            w1.relabel(b1, Some(BlockLabels::Key(SeriesKey([2, 80, 0]))));
+            w0.set_gauge(b1, BlockGauge::AwaitingReply, 4);
+            w0.set_gauge(b2, BlockGauge::AwaitingReply, 1);
+            w1.set_gauge(b1, BlockGauge::AwaitingReply, 2);
+        }
+        let registry = Arc::new(Registry::new(set));
+        let options = ScrapeOptions {
+            awaiting_reply: true,
+            ..n1()
+        };
+        let mut e = Exposition::new(registry, options).with_key_labels(Box::new(ServiceLabels));
+        for format in [Format::Prometheus, Format::OpenMetrics] {
+            let mut out = Vec::new();
+            e.render(format, &mut out);
+            let text = String::from_utf8(out).unwrap();
+            let g = "conntrack_monitoring_service_flows_awaiting_reply";
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains(g)).collect();
+            assert_eq!(
+                lines[..2],
+                [
+                    format!("# HELP {g} {AWAITING_REPLY_HELP}"),
+                    format!("# TYPE {g} gauge")
+                ],
+                "{format:?}"
+            );
+            assert_eq!(
+                lines[2..],
+                [
+                    format!("{g}{{node=\"n1\"}} 0"),
+                    format!("{g}{{node=\"n1\",service_ip=\"10.96.0.2\",service_port=\"80\"}} 3"),
+                    format!("{g}{{node=\"n1\",service_ip=\"10.96.0.10\",service_port=\"53\"}} 4"),
+                ],
+                "{format:?}"
+            );
+        }
+    }
+
     struct ServiceLabels;
 
     impl KeyLabels for ServiceLabels {
@@ -812,6 +884,7 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?}");
         }
+        assert!(!text.contains("awaiting_reply"), "only with --live-latency");
         // Without label names for keys, a key is written in hexadecimal.
         let set = ShardSet::with_blocks(1, SummaryWindow::from_minutes(10), 2);
         set.writer(0).unwrap().relabel(

@@ -6,7 +6,8 @@
 //! end each get a block of the reader's shard, labelled with the Service;
 //! every other Service's flows go to the overflow block (`service_ip`
 //! "other") and are counted. A Service with no flow ended for
-//! `--service-idle-minutes` gives its slot back, and its block is freed,
+//! `--service-idle-minutes` (with `--live-latency`: none started, answered,
+//! ended or awaiting a reply) gives its slot back, and its block is freed,
 //! so its series leave the exposition.
 //! Never: allocates or grows after construction, or scans the slots per
 //! event (a lookup is one probe sequence in a small index; the idle sweep
@@ -224,8 +225,22 @@ impl ServiceSlots {
             shard.relabel(block, Some(BlockLabels::Key(key.series_key())));
             (slot, block)
         };
-        self.last_flow_ns[slot] = now_ns;
+        // An event may carry an older stamp than the last one seen.
+        self.last_flow_ns[slot] = self.last_flow_ns[slot].max(now_ns);
         Some(block)
+    }
+
+    /// Keeps the Service of `block` from going idle before `now_ns` plus
+    /// the idle time: it has flows still under way (awaiting a reply).
+    /// Nothing for the overflow block or a free one.
+    pub fn keep(&mut self, block: BlockId, now_ns: u64) {
+        let Some(slot) = block.index().checked_sub(1) else {
+            return;
+        };
+        if let (Some(Some(_)), Some(last)) = (self.keys.get(slot), self.last_flow_ns.get_mut(slot))
+        {
+            *last = (*last).max(now_ns);
+        }
     }
 
     /// Gives back, at most once a second, the slot of every Service whose

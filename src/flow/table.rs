@@ -24,8 +24,10 @@ pub struct FlowState {
     /// Moment the flow was first seen with SEEN_REPLY: its insertion (`None`
     /// only in the state of a flow that has no entry).
     pub seen_reply_ns: Option<u64>,
-    /// Moment the flow was first seen in a closing TCP state, if it was.
-    pub fin_ns: Option<u64>,
+    /// Moment the flow was first seen in a closing TCP state, 0 if it was
+    /// not ([`Self::fin_ns`]; a moment is stored as at least 1). Not an
+    /// `Option`: its 8 bytes of tag make room for `block`.
+    pub fin_at_ns: u64,
     /// Whether no overrun was reported between the flow's insertion and its
     /// FIN moment.
     pub fin_complete: bool,
@@ -46,6 +48,19 @@ pub struct FlowState {
     pub live: bool,
     /// Its FIN latency was observed at the FIN, likewise.
     pub fin_observed: bool,
+    /// With `--live-latency`, in the table of unanswered flows: the number
+    /// of the shard block its Service's series are in (0: the node's, or
+    /// the overflow), so that flows awaiting a reply are counted per
+    /// Service.
+    pub block: u32,
+}
+
+impl FlowState {
+    /// Moment the flow was first seen in a closing TCP state, if it was.
+    #[inline]
+    pub fn fin_ns(&self) -> Option<u64> {
+        (self.fin_at_ns != 0).then_some(self.fin_at_ns)
+    }
 }
 
 // One entry, key and state, is one cache line: the state must not grow.

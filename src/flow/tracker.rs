@@ -49,7 +49,7 @@
 //! wrongly.) DESTROY-only observations (duration, bytes, packets) carry
 //! their own data and are always taken.
 
-use crate::stats::{BlockId, Counter, Outcome, Series, ShardWriter};
+use crate::stats::{BlockGauge, BlockId, Counter, Outcome, Series, ShardWriter};
 use crate::wire::{Counters, CtEvent, EventKind, Status, TcpState};
 
 use std::net::IpAddr;
@@ -177,8 +177,12 @@ const ENTRY_LOOKAHEAD: usize = 8;
 
 /// With `--live-latency`: a flow waits for its first reply "too long" once
 /// its NEW is this old (1 s), and counts in
-/// [`FlowTracker::awaiting_reply`].
+/// [`FlowTracker::count_awaiting`].
 pub const AWAITING_AFTER_NS: u64 = 1_000_000_000;
+
+/// With `--live-latency`: how often a drained reader counts its flows
+/// awaiting a reply (250 ms).
+pub const AWAITING_EVERY_NS: u64 = 250_000_000;
 
 /// Service flows between their first reply and their DESTROY.
 pub struct FlowTracker {
@@ -206,6 +210,11 @@ pub struct FlowTracker {
     /// reply, apart from the answered ones so that a flood of unanswered
     /// flows evicts only its own kind (the oldest first, counted).
     unanswered: Option<FlowTable>,
+    /// With `--live-latency`: flows awaiting a reply per block, as last
+    /// counted (one per block of the shard; allocated once).
+    awaiting: Box<[u64]>,
+    /// When they were counted last (wall clock, ns).
+    awaiting_counted_ns: u64,
 }
 
 /// An event that touches the table, queued: what its step needs.
@@ -225,8 +234,9 @@ struct Step {
 enum LiveStep {
     /// Nothing (the flag is off, or a DESTROY of an answered flow).
     No,
-    /// A NEW without a reply: the flow enters the unanswered table.
-    New,
+    /// A NEW without a reply: the flow enters the unanswered table,
+    /// remembering the block of its Service.
+    New(BlockId),
     /// An event with the reply (or the FIN): observations of the flow go
     /// to this block now.
     Reply(BlockId),
@@ -310,6 +320,8 @@ impl FlowTracker {
             congested: false,
             services: None,
             unanswered: None,
+            awaiting: Box::default(),
+            awaiting_counted_ns: 0,
         }
     }
 
@@ -318,6 +330,7 @@ impl FlowTracker {
     /// table of `unanswered` flows of its own until the flow's first reply.
     pub fn with_live_latency(mut self, unanswered: usize) -> FlowTracker {
         self.unanswered = Some(FlowTable::new(unanswered));
+        self.awaiting = vec![0; self.blocks()].into_boxed_slice();
         self
     }
 
@@ -331,19 +344,40 @@ impl FlowTracker {
         self.unanswered.as_ref().map_or(0, FlowTable::len)
     }
 
-    /// With `--live-latency`: flows whose NEW came more than
-    /// [`AWAITING_AFTER_NS`] before `now_ns` and that have seen no reply.
-    /// Between batches: it walks the unanswered flows oldest first and stops
-    /// at the first younger one.
-    pub fn awaiting_reply(&self, now_ns: u64) -> usize {
+    /// With `--live-latency`: counts the flows whose NEW came more than
+    /// [`AWAITING_AFTER_NS`] before `now_ns` and that have seen no reply, per
+    /// block, sets each block's [`BlockGauge::AwaitingReply`] to its count
+    /// through `shard`, and returns the count over every block. A Service
+    /// with flows awaiting a reply is not idle: it keeps its slot, so a flow
+    /// is never counted under another Service's labels.
+    ///
+    /// Between batches, never per event: it walks the unanswered flows
+    /// oldest first and stops at the first younger one (a SYN flood makes
+    /// that walk long; the reader runs it at most every
+    /// [`AWAITING_EVERY_NS`]).
+    pub fn count_awaiting(&mut self, now_ns: u64, shard: &mut ShardWriter<'_>) -> u64 {
         let Some(table) = &self.unanswered else {
             return 0;
         };
         let cutoff = now_ns.saturating_sub(AWAITING_AFTER_NS);
-        table
-            .oldest_first()
-            .take_while(|f| f.started_ns <= cutoff)
-            .count()
+        self.awaiting.fill(0);
+        let mut total = 0;
+        for flow in table.oldest_first().take_while(|f| f.started_ns <= cutoff) {
+            if let Some(n) = self.awaiting.get_mut(flow.block as usize) {
+                *n += 1;
+            }
+            total += 1;
+        }
+        for (index, &n) in self.awaiting.iter().enumerate() {
+            let Some(block) = shard.block(index) else {
+                break;
+            };
+            shard.set_gauge(block, BlockGauge::AwaitingReply, n);
+            if let (true, Some(services)) = (n > 0, self.services.as_mut()) {
+                services.keep(block, now_ns);
+            }
+        }
+        total
     }
 
     /// The same tracker, recording each Service's flows in a block of its
@@ -352,6 +386,9 @@ impl FlowTracker {
     /// ([`label_overflow_blocks`](super::services::label_overflow_blocks)).
     pub fn with_services(mut self, budget: ServiceBudget) -> FlowTracker {
         self.services = Some(ServiceSlots::new(budget));
+        if self.live() {
+            self.awaiting = vec![0; self.blocks()].into_boxed_slice();
+        }
         self
     }
 
@@ -392,9 +429,16 @@ impl FlowTracker {
 
     /// The reader found its socket drained at `at_ns`: after an overrun,
     /// the kernel dropped events silently until now, so the horizon moves
-    /// here too, and flows enter the table as whole again.
+    /// here too, and flows enter the table as whole again. With
+    /// `--live-latency`, the flows awaiting a reply are counted (at most
+    /// every [`AWAITING_EVERY_NS`]) before idle Services give their slots
+    /// back.
     #[inline]
     pub fn drained(&mut self, at_ns: u64, shard: &mut ShardWriter<'_>) {
+        if self.live() && at_ns.saturating_sub(self.awaiting_counted_ns) >= AWAITING_EVERY_NS {
+            self.count_awaiting(at_ns, shard);
+            self.awaiting_counted_ns = at_ns;
+        }
         if let Some(services) = self.services.as_mut() {
             services.expire_idle(at_ns, shard);
         }
@@ -494,7 +538,7 @@ impl FlowTracker {
             // NEW goes out as a NEW: a NEW can show the reply too.
             EventKind::New | EventKind::Update if moment.seen_reply => {
                 let live = match self.unanswered {
-                    Some(_) => LiveStep::Reply(self.service_block(ev, moment.at, shard)),
+                    Some(_) => LiveStep::Reply(self.service_block(ev, moment.at, false, shard)),
                     None => LiveStep::No,
                 };
                 self.queue(Step {
@@ -504,13 +548,18 @@ impl FlowTracker {
                     live,
                 })
             }
-            // With --live-latency, the flow's start: its NEW.
-            EventKind::New if self.unanswered.is_some() => self.queue(Step {
-                key: flow_key(id, ev),
-                moment,
-                end: None,
-                live: LiveStep::New,
-            }),
+            // With --live-latency, the flow's start: its NEW, which also
+            // finds its Service's block (a Service whose backends all stopped
+            // answering takes a slot, for its flows awaiting a reply).
+            EventKind::New if self.unanswered.is_some() => {
+                let block = self.service_block(ev, moment.at, false, shard);
+                self.queue(Step {
+                    key: flow_key(id, ev),
+                    moment,
+                    end: None,
+                    live: LiveStep::New(block),
+                })
+            }
             // Otherwise nothing to keep before the first reply: the start
             // comes with the DESTROY, and whether the NEW was received is
             // known then from the loss horizon. A FIN counts only after a
@@ -523,7 +572,7 @@ impl FlowTracker {
                     shard.count(Counter::DuplicateDestroys, 1);
                     return;
                 }
-                let end = Ended::of(ev, self.service_block(ev, moment.at, shard));
+                let end = Ended::of(ev, self.service_block(ev, moment.at, true, shard));
                 // SEEN_REPLY never clears: a DESTROY without it ends a flow
                 // that was never answered, so never in the table.
                 if ev.status.is_some_and(|s| !s.has(Status::SEEN_REPLY)) {
@@ -551,11 +600,18 @@ impl FlowTracker {
         }
     }
 
-    /// The block a Service flow that ended at `at` is recorded in: the
-    /// node's without Service labels; else its Service's, or the overflow
-    /// (counted) when every slot is taken.
+    /// The block a Service flow's observations at `at` go to: the node's
+    /// without Service labels; else its Service's, or the overflow when
+    /// every slot is taken, counted when the event `ends` the flow (its
+    /// DESTROY: each flow once, with or without `--live-latency`).
     #[inline]
-    fn service_block(&mut self, ev: &CtEvent, at: u64, shard: &mut ShardWriter<'_>) -> BlockId {
+    fn service_block(
+        &mut self,
+        ev: &CtEvent,
+        at: u64,
+        ends: bool,
+        shard: &mut ShardWriter<'_>,
+    ) -> BlockId {
         let Some(services) = self.services.as_mut() else {
             return BlockId::NODE;
         };
@@ -568,7 +624,9 @@ impl FlowTracker {
             proto: orig.proto.unwrap_or(0),
         };
         services.block_for(key, at, shard).unwrap_or_else(|| {
-            shard.count(Counter::ServiceBudgetOverflow, 1);
+            if ends {
+                shard.count(Counter::ServiceBudgetOverflow, 1);
+            }
             BlockId::NODE
         })
     }
@@ -610,7 +668,7 @@ impl FlowTracker {
         } = step;
         let overruns = self.overruns;
         match live {
-            LiveStep::New => return self.enter_unanswered(key, moment.at, shard),
+            LiveStep::New(block) => return self.enter_unanswered(key, moment.at, block, shard),
             LiveStep::Forget => {
                 if let Some(table) = self.unanswered.as_mut() {
                     table.remove(key);
@@ -708,12 +766,21 @@ impl FlowTracker {
         }
     }
 
-    /// With `--live-latency`: a NEW without a reply at `at`: the flow waits
-    /// in the unanswered table, the oldest unanswered flow making room.
-    fn enter_unanswered(&mut self, key: FlowKey, at: u64, shard: &mut ShardWriter<'_>) {
+    /// With `--live-latency`: a NEW without a reply at `at`, to a Service
+    /// whose series are in `block`: the flow waits in the unanswered table,
+    /// the oldest unanswered flow making room.
+    fn enter_unanswered(
+        &mut self,
+        key: FlowKey,
+        at: u64,
+        block: BlockId,
+        shard: &mut ShardWriter<'_>,
+    ) {
         let state = FlowState {
             // Never 0, which marks a free entry.
             started_ns: at.max(1),
+            // Blocks number at most --max-services + 1 (100,001).
+            block: block.index() as u32,
             overruns_at_insert: self.overruns,
             loss_horizon_ns: self.entry_horizon(),
             ..FlowState::default()
@@ -765,7 +832,7 @@ fn observe_fin_now(flow: &mut FlowState, block: BlockId, shard: &mut ShardWriter
     if !flow.live || flow.fin_observed || !flow.fin_complete {
         return;
     }
-    let Some(fin) = flow.fin_ns else {
+    let Some(fin) = flow.fin_ns() else {
         return;
     };
     flow.fin_observed = true;
@@ -822,8 +889,9 @@ struct Moment {
 /// overrun (`overruns` is the count now) came since the flow's insertion.
 #[inline]
 fn record_fin(flow: &mut FlowState, at: u64, overruns: u32, reset: bool) {
-    if flow.fin_ns.is_none() && flow.seen_reply_ns.is_some() {
-        flow.fin_ns = Some(at);
+    if flow.fin_ns().is_none() && flow.seen_reply_ns.is_some() {
+        // Never 0, which means none.
+        flow.fin_at_ns = at.max(1);
         flow.closed_by_reset = reset;
         flow.fin_complete = flow.overruns_at_insert == overruns;
     }
@@ -885,7 +953,7 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
     } else {
         (start, whole)
     };
-    if let (Some(at), true, true, true) = (flow.fin_ns, flow.fin_complete, end.tcp(), measured) {
+    if let (Some(at), true, true, true) = (flow.fin_ns(), flow.fin_complete, end.tcp(), measured) {
         match at.checked_sub(begin) {
             Some(l) => {
                 if !flow.fin_observed {
@@ -1035,6 +1103,14 @@ mod tests {
         fn drained(&self, tracker: &mut FlowTracker, at: u64) {
             let mut w = self.shards.writer(0).unwrap();
             tracker.drained(at, &mut w);
+        }
+
+        /// The flows awaiting a reply at `at`, counted into the shard; the
+        /// scrape shows the same count.
+        fn awaiting(&self, tracker: &mut FlowTracker, at: u64) -> u64 {
+            let n = tracker.count_awaiting(at, &mut self.shards.writer(0).unwrap());
+            assert_eq!(self.snap().gauge(BlockGauge::AwaitingReply), n);
+            n
         }
 
         fn snap(&self) -> Snapshot {
@@ -1995,9 +2071,9 @@ mod tests {
         assert_eq!(s.counter(Counter::UnansweredDropped), 96);
         assert_eq!((t.flows(), t.unanswered()), (3, 4));
         // The newest four are kept; none is a second old until T0 + 1.106 s.
-        assert_eq!(t.awaiting_reply(T0 + 1_105 * MS), 0);
-        assert_eq!(t.awaiting_reply(T0 + 1_107 * MS), 2);
-        assert_eq!(t.awaiting_reply(T0 + 5_000 * MS), 4);
+        assert_eq!(run.awaiting(&mut t, T0 + 1_105 * MS), 0);
+        assert_eq!(run.awaiting(&mut t, T0 + 1_107 * MS), 2);
+        assert_eq!(run.awaiting(&mut t, T0 + 5_000 * MS), 4);
         // The answered flows end measured: their latencies were observed at
         // their replies, and nothing was evicted from their table.
         for flow in &answered {
@@ -2016,7 +2092,110 @@ mod tests {
         });
         run.feed(&mut t, &[gone]);
         assert_eq!(t.unanswered(), 3);
-        assert_eq!(t.awaiting_reply(T0 + 5_000 * MS), 3);
+        assert_eq!(run.awaiting(&mut t, T0 + 5_000 * MS), 3);
+    }
+
+    /// An unanswered NEW to Service `vip`:80 from source port `port`, at `at`.
+    fn syn_to(vip: &str, id: u32, port: u16, at: u64) -> CtEvent {
+        let mut e = ev(EventKind::New, id, 6, Some(TcpState::SYN_SENT), NAT, at);
+        let orig = e.orig.as_mut().unwrap();
+        orig.dst = Some(ip(vip));
+        orig.src_port = Some(port);
+        e
+    }
+
+    #[test]
+    fn with_service_labels_flows_awaiting_a_reply_are_counted_per_service() {
+        use crate::flow::services::{label_overflow_blocks, OVERFLOW};
+        use crate::stats::BlockLabels;
+        const MIN: u64 = 60_000 * MS;
+        let (a, b, c) = ("10.96.1.1", "10.96.1.2", "10.96.1.3");
+        let key = |vip: &str| {
+            BlockLabels::Key(
+                ServiceKey {
+                    addr: ip(vip),
+                    port: 80,
+                    proto: TCP,
+                }
+                .series_key(),
+            )
+        };
+        // Two Services get slots; the third's flows go to the overflow.
+        let mut t = live_tracker(64, 64).with_services(ServiceBudget {
+            max_services: 2,
+            idle_ns: MIN,
+        });
+        let run = Run {
+            shards: ShardSet::with_blocks(1, SummaryWindow::from_minutes(10), t.blocks()),
+        };
+        label_overflow_blocks(&run.shards);
+        let gauges = |run: &Run| -> Vec<(BlockLabels, u64)> {
+            let snap = run.snap();
+            snap.blocks()
+                .iter()
+                .map(|blk| (blk.labels(), blk.gauge(BlockGauge::AwaitingReply)))
+                .collect()
+        };
+        // A 3 flows, B 1, C 2, all at T0; and a flow to A answered.
+        let mut syns = Vec::new();
+        for (i, vip) in [a, a, a, b, c, c].into_iter().enumerate() {
+            syns.push(syn_to(vip, 100 + i as u32, 50_000 + i as u16, T0));
+        }
+        run.feed(&mut t, &syns);
+        let answered = tcp_flow(1, &[TcpState::SYN_RECV, TcpState::ESTABLISHED]);
+        run.feed(&mut t, &answered[..3]);
+        assert_eq!(run.awaiting(&mut t, T0 + 500 * MS), 0, "none a second old");
+        assert_eq!(run.awaiting(&mut t, T0 + 2_000 * MS), 6);
+        let mut want = vec![(BlockLabels::Key(OVERFLOW), 2), (key(a), 3), (key(b), 1)];
+        want.sort();
+        assert_eq!(gauges(&run), want);
+        // The NEWs' overflow is not counted: only a DESTROY counts a flow
+        // over the budget, once.
+        assert_eq!(run.snap().counter(Counter::ServiceBudgetOverflow), 0);
+        // Minutes pass with the flows still waiting (the reader drains its
+        // socket now and then): B and A are not idle, they keep their slots.
+        for minute in 1..=3 {
+            run.drained(&mut t, T0 + minute * MIN);
+        }
+        assert_eq!(gauges(&run), want, "the slots were kept");
+        // B's flow ends unanswered; A's answered flow too. B's gauge falls
+        // to 0 at the next count, and its slot goes a minute after.
+        let mut gone = syns[3];
+        gone.kind = EventKind::Destroy;
+        gone.timestamp = Some(Timestamp {
+            start: Some(T0),
+            stop: Some(T0 + 3 * MIN),
+        });
+        run.feed(&mut t, &[gone]);
+        run.feed(&mut t, &answered[3..]);
+        run.drained(&mut t, T0 + 3 * MIN + 500 * MS);
+        want = vec![(BlockLabels::Key(OVERFLOW), 2), (key(a), 3), (key(b), 0)];
+        want.sort();
+        assert_eq!(gauges(&run), want);
+        run.drained(&mut t, T0 + 4 * MIN + MS);
+        want.retain(|(labels, _)| *labels != key(b));
+        assert_eq!(gauges(&run), want, "B idle: its slot given back");
+        // A's flows are answered at last: A's gauge falls to 0, and the
+        // latencies go to A's block.
+        let replies: Vec<CtEvent> = syns[..3]
+            .iter()
+            .map(|syn| {
+                let mut e = *syn;
+                e.kind = EventKind::Update;
+                e.status = Some(Status(REPLIED));
+                e.tcp_state = Some(TcpState::SYN_RECV);
+                e.timestamp_event = Some(T0 + 4 * MIN + 2 * MS);
+                e
+            })
+            .collect();
+        run.feed(&mut t, &replies);
+        run.drained(&mut t, T0 + 4 * MIN + 500 * MS);
+        want = vec![(BlockLabels::Key(OVERFLOW), 2), (key(a), 0)];
+        want.sort();
+        assert_eq!(gauges(&run), want);
+        let snap = run.snap();
+        let a_block = snap.blocks().iter().find(|blk| blk.labels() == key(a));
+        assert_eq!(a_block.unwrap().count(Series::SeenReplyLatency), 4);
     }
 
     #[test]

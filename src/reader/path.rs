@@ -12,14 +12,9 @@ use std::time::Instant;
 
 pub use crate::flow::wall_clock_ns;
 use crate::flow::{FlowTracker, LiveFlows};
-use crate::stats::self_metrics::{
-    AWAITING_REPLY, FLOW_TABLE_CAPACITY, FLOW_TABLE_FLOWS, READER_DATAGRAMS,
-};
+use crate::stats::self_metrics::{FLOW_TABLE_CAPACITY, FLOW_TABLE_FLOWS, READER_DATAGRAMS};
 use crate::stats::{Counter, Series, ShardWriter};
 use crate::wire::{CtEvent, Datagram, EventKind, Message};
-
-/// How often a drained reader counts its flows awaiting a reply (250 ms).
-const AWAITING_EVERY_NS: u64 = 250_000_000;
 
 /// One reader's per-event state; [`Self::datagram`] is the function the
 /// reader thread calls for every datagram, between [`Self::begin_batch`]
@@ -30,10 +25,6 @@ pub struct EventPath<'a> {
     tracker: FlowTracker,
     datagrams: metrics::Counter,
     flows: metrics::Gauge,
-    /// With `--live-latency`: the flows awaiting a reply, this reader's
-    /// share of the one gauge (published as a difference, so readers add
-    /// up), and when it was counted last.
-    awaiting: Option<(metrics::Gauge, usize, u64)>,
     print: Option<io::Stdout>,
     #[cfg(debug_assertions)]
     ignore_stamps: bool,
@@ -59,7 +50,6 @@ impl<'a> EventPath<'a> {
         print_events: bool,
     ) -> EventPath<'a> {
         let reader = index.to_string();
-        let live = tracker.live();
         metrics::gauge!(FLOW_TABLE_CAPACITY, "reader" => reader.clone())
             .set(tracker.capacity() as f64);
         EventPath {
@@ -68,7 +58,6 @@ impl<'a> EventPath<'a> {
             tracker,
             datagrams: metrics::counter!(READER_DATAGRAMS, "reader" => reader.clone()),
             flows: metrics::gauge!(FLOW_TABLE_FLOWS, "reader" => reader),
-            awaiting: live.then(|| (metrics::gauge!(AWAITING_REPLY), 0, 0)),
             print: print_events.then(io::stdout),
             #[cfg(debug_assertions)]
             ignore_stamps: ignores_event_stamps(),
@@ -154,20 +143,11 @@ impl<'a> EventPath<'a> {
     }
 
     /// The reader found its socket drained: after an overrun, the kernel
-    /// stops dropping events unreported only now.
+    /// stops dropping events unreported only now. With `--live-latency`, the
+    /// flows awaiting a reply are counted into the shard's blocks here (at
+    /// most four times a second).
     pub fn drained(&mut self) {
-        let now = wall_clock_ns();
-        self.tracker.drained(now, &mut self.shard);
-        if let Some((gauge, published, at)) = self.awaiting.as_mut() {
-            // At most four times a second: a walk of the oldest unanswered
-            // flows, which a SYN flood makes long.
-            if now.saturating_sub(*at) >= AWAITING_EVERY_NS {
-                let n = self.tracker.awaiting_reply(now);
-                gauge.increment(n as f64 - *published as f64);
-                *published = n;
-                *at = now;
-            }
-        }
+        self.tracker.drained(wall_clock_ns(), &mut self.shard);
     }
 
     /// Reconciles up to `slots` flow-table slots from `from` with `live`

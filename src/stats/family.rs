@@ -422,8 +422,36 @@ const fn region_histogram_slots(keyed: bool) -> usize {
     n
 }
 
-/// Slots of one labelled block: every keyed series.
-pub const BLOCK_SLOTS: usize = region_histogram_slots(true);
+/// Slots the keyed histogram series take in a block, before its gauges.
+pub const BLOCK_HISTOGRAM_SLOTS: usize = region_histogram_slots(true);
+
+/// A gauge kept per labelled block: a value its writer sets (not adds to),
+/// summed over shards at a scrape like the blocks' counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockGauge {
+    /// With `--live-latency`: the block's Service flows whose NEW is more
+    /// than 1 s old and that have seen no reply.
+    AwaitingReply,
+}
+
+impl BlockGauge {
+    /// Every block gauge, in slot order.
+    pub const ALL: [BlockGauge; 1] = [BlockGauge::AwaitingReply];
+
+    /// Slot of the gauge in a block, after the histograms.
+    pub const fn slot(self) -> usize {
+        BLOCK_HISTOGRAM_SLOTS + self as usize
+    }
+}
+
+/// The Service families' gauge of flows awaiting a reply.
+pub const AWAITING_REPLY: &str = "service_flows_awaiting_reply";
+
+/// Help of [`AWAITING_REPLY`].
+pub const AWAITING_REPLY_HELP: &str = "With --live-latency: Service flows whose first packet is more than 1 s old and that have seen no reply yet (a dead or blackholed backend shows here long before the SYN_SENT timeout ends them)";
+
+/// Slots of one labelled block: every keyed series, then the gauges.
+pub const BLOCK_SLOTS: usize = BLOCK_HISTOGRAM_SLOTS + BlockGauge::ALL.len();
 
 /// Slots the shard's own histogram series take, before its counters.
 pub const SHARD_HISTOGRAM_SLOTS: usize = region_histogram_slots(false);
@@ -582,7 +610,7 @@ mod tests {
                 next += s.slots();
             }
             let region = if keyed {
-                BLOCK_SLOTS
+                BLOCK_HISTOGRAM_SLOTS
             } else {
                 SHARD_HISTOGRAM_SLOTS
             };
@@ -590,6 +618,11 @@ mod tests {
         }
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(c.slot(), SHARD_HISTOGRAM_SLOTS + i);
+        }
+        for (i, g) in BlockGauge::ALL.iter().enumerate() {
+            assert_eq!(*g as usize, i, "ALL is in declaration order");
+            assert_eq!(g.slot(), BLOCK_HISTOGRAM_SLOTS + i);
+            assert!(g.slot() < BLOCK_SLOTS);
         }
         for q in Quantiles::ALL {
             assert_eq!(Quantiles::of(q.series()), Some(q));

@@ -17,6 +17,6 @@ pub mod shard;
 pub mod summary;
 mod sync;
 
-pub use family::{Counter, Outcome, Quantiles, Series};
+pub use family::{BlockGauge, Counter, Outcome, Quantiles, Series};
 pub use registry::Registry;
 pub use shard::{BlockId, BlockLabels, SeriesKey, ShardSet, ShardWriter, Snapshot};

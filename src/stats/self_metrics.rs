@@ -57,9 +57,6 @@ pub const EVENT_MASK_HELD: &str = "conntrack_monitoring_event_mask_held";
 pub const SCRAPE_DURATION: &str = "conntrack_monitoring_scrape_duration_seconds";
 /// Connections the HTTP endpoint refused with 503 (counter, label `reason`).
 pub const HTTP_REFUSED: &str = "conntrack_monitoring_http_connections_refused_total";
-/// With `--live-latency`: Service flows whose NEW is more than 1 s old and
-/// that have seen no reply, summed over the readers (gauge).
-pub const AWAITING_REPLY: &str = "conntrack_monitoring_service_flows_awaiting_reply";
 /// Connections closed for a TLS error (counter).
 pub const HTTP_TLS_ERRORS: &str = "conntrack_monitoring_http_tls_errors_total";
 /// Requests' Basic authentication outcomes (counter, label `outcome`).
@@ -102,7 +99,7 @@ pub struct FamilyDef {
 }
 
 /// The self-metric families, in render order.
-pub const FAMILIES: [FamilyDef; 29] = [
+pub const FAMILIES: [FamilyDef; 28] = [
     FamilyDef {
         name: READER_DATAGRAMS,
         kind: Kind::Counter,
@@ -233,12 +230,6 @@ pub const FAMILIES: [FamilyDef; 29] = [
         name: HTTP_REFUSED,
         kind: Kind::Counter,
         help: "Connections the HTTP endpoint answered 503 and closed: too many from one address (peer cap) or all served connections busy (connection cap)",
-        bounds: &[],
-    },
-    FamilyDef {
-        name: AWAITING_REPLY,
-        kind: Kind::Gauge,
-        help: "With --live-latency: Service flows whose first packet is more than 1 s old and that have seen no reply yet (a dead or blackholed backend shows here long before the SYN_SENT timeout ends them)",
         bounds: &[],
     },
     FamilyDef {

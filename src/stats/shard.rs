@@ -12,7 +12,8 @@
 //!
 //! A shard holds its own slots (the reader's batch-size histogram and the
 //! counters), then `blocks` labelled blocks, each one copy of every keyed
-//! series (`Series::keyed`: the Service families) on cache lines of its own.
+//! series (`Series::keyed`: the Service families) and of every
+//! [`BlockGauge`], on cache lines of its own.
 //! A block's labels are [`BlockLabels::Node`] (the node's own series, no
 //! label beyond the family's) or a [`SeriesKey`] set at run time, which the
 //! renderer turns into label values. [`ShardSet::new`] makes one block,
@@ -24,11 +25,12 @@
 //! # Why the orderings are enough
 //!
 //! Every slot has exactly one writer, which does `store(load() + n)` with
-//! `Relaxed`. Nothing else is published through a slot, so no slot needs to
-//! order other memory. The scrape reads each slot with `Relaxed`: coherence
-//! alone guarantees that one thread's successive reads of one location never
-//! see an older value, so a slot, and hence any sum of slots, never goes down
-//! from one scrape to the next. Buckets and `_sum` are separate slots, each
+//! `Relaxed` (a block gauge's: `store(value)`). Nothing else is published
+//! through a slot, so no slot needs to order other memory. The scrape reads
+//! each slot with `Relaxed`: coherence alone guarantees that one thread's
+//! successive reads of one location never see an older value, so a counting
+//! slot, and hence any sum of them, never goes down from one scrape to the
+//! next, and a gauge shows a value its writer stored. Buckets and `_sum` are separate slots, each
 //! read at some value it held during the scrape, so they may disagree by the
 //! observations made meanwhile; the count is derived from the buckets, so
 //! `+Inf` and `_count` always agree.
@@ -59,7 +61,7 @@ use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
 
-use super::family::{Counter, Quantiles, Series, BLOCK_SLOTS, SHARD_SLOTS};
+use super::family::{BlockGauge, Counter, Quantiles, Series, BLOCK_SLOTS, SHARD_SLOTS};
 use super::summary::{QuantileAccumulator, SlidingQuantiles, SummaryWindow};
 // std's atomics, or loom's in the model below.
 use super::sync::Ordering::{Acquire, Relaxed, Release};
@@ -411,6 +413,19 @@ impl ShardWriter<'_> {
         self.add(self.shard.slot(counter.slot()), n);
     }
 
+    /// Sets `gauge` of `block` to `value`: the writer's own share of it,
+    /// which a scrape adds to the other shards' blocks of the same labels.
+    /// A relabel sets it back to zero with the block's other slots.
+    #[inline]
+    pub fn set_gauge(&mut self, block: BlockId, gauge: BlockGauge, value: u64) {
+        let slot = self.shard.slot(block_base(block.0) + gauge.slot());
+        // Single writer: the load returns its own last store. An unchanged
+        // value leaves the line clean.
+        if slot.load(Relaxed) != value {
+            slot.store(value, Relaxed);
+        }
+    }
+
     /// Labels `block` with `labels`, or frees it with `None`. Its series
     /// start again from zero under the new labels, or leave the exposition.
     /// Allocates nothing and takes no lock; costs one pass over the block's
@@ -578,6 +593,11 @@ impl BlockSnapshot {
     pub fn sum(&self, series: Series) -> f64 {
         self.values.sums[series as usize]
     }
+
+    /// A block gauge, added over shards.
+    pub fn gauge(&self, gauge: BlockGauge) -> u64 {
+        self.values.slots[gauge.slot()]
+    }
 }
 
 /// The block of `labels` in `blocks` (ordered by labels), added if new, and
@@ -700,6 +720,11 @@ impl Snapshot {
     pub fn counter(&self, counter: Counter) -> u64 {
         self.own.slots[counter.slot()]
     }
+
+    /// A block gauge over every block.
+    pub fn gauge(&self, gauge: BlockGauge) -> u64 {
+        self.total.gauge(gauge)
+    }
 }
 
 #[cfg(test)]
@@ -813,6 +838,52 @@ mod tests {
         assert_eq!(snap.blocks()[1].count(Series::Duration), 1, "shard 1's");
         assert_eq!(snap.blocks()[2].count(Series::Duration), 0);
         assert_eq!(snap.count(Series::Duration), 2);
+    }
+
+    #[test]
+    fn block_gauges_are_set_add_up_by_label_and_start_again_at_a_relabel() {
+        const G: BlockGauge = BlockGauge::AwaitingReply;
+        let set = ShardSet::with_blocks(2, window(), 3);
+        let (b1, b2) = (set.block(1).unwrap(), set.block(2).unwrap());
+        let mut snap = Snapshot::default();
+        {
+            let mut w0 = set.writer(0).unwrap();
+            let mut w1 = set.writer(1).unwrap();
+            w0.relabel(b1, Some(key(7)));
+            w1.relabel(b2, Some(key(7)));
+            w1.relabel(b1, Some(key(9)));
+            w0.set_gauge(b1, G, 5);
+            w0.set_gauge(b1, G, 3);
+            w1.set_gauge(b2, G, 4);
+            w1.set_gauge(b1, G, 2);
+            w0.set_gauge(BlockId::NODE, G, 1);
+            // A gauge is no histogram's slot, nor a histogram its.
+            w0.observe_in(b1, Series::Duration, 10);
+        }
+        set.merge_into(&mut snap);
+        let got: Vec<_> = snap
+            .blocks()
+            .iter()
+            .map(|b| (b.labels(), b.gauge(G)))
+            .collect();
+        assert_eq!(got, [(BlockLabels::Node, 1), (key(7), 3 + 4), (key(9), 2)]);
+        assert_eq!(snap.gauge(G), 10, "the node's: every block");
+        assert_eq!(snap.blocks()[1].count(Series::Duration), 1);
+        assert_eq!(snap.blocks()[1].sum(Series::Duration), 10.0);
+        {
+            let mut w0 = set.writer(0).unwrap();
+            let mut w1 = set.writer(1).unwrap();
+            // Down, and a relabelled block's gauge from zero.
+            w0.set_gauge(b1, G, 0);
+            w1.relabel(b1, Some(key(8)));
+        }
+        set.merge_into(&mut snap);
+        let got: Vec<_> = snap
+            .blocks()
+            .iter()
+            .map(|b| (b.labels(), b.gauge(G)))
+            .collect();
+        assert_eq!(got, [(BlockLabels::Node, 1), (key(7), 4), (key(8), 0)]);
     }
 
     /// A writer relabels one block over and over, each key with values of
@@ -1169,6 +1240,9 @@ mod loom_model {
     const VALUE_B: u64 = 2_000_000;
     const N_A: u64 = 2;
     const N_B: u64 = 1;
+    /// The block's gauge under each label set.
+    const GAUGE_A: u64 = 5;
+    const GAUGE_B: u64 = 3;
 
     /// How often the scrape of the relabel model saw block 1 labelled A,
     /// labelled B, and not at all (caught mid-relabel), over every
@@ -1176,13 +1250,18 @@ mod loom_model {
     static SAW_A: StdU64 = StdU64::new(0);
     static SAW_B: StdU64 = StdU64::new(0);
     static SAW_NONE: StdU64 = StdU64::new(0);
+    /// How often it saw block 1 labelled A with A's gauge set.
+    static SAW_GAUGE_A: StdU64 = StdU64::new(0);
 
     /// Checks one label set's block as a scrape showed it: only the bucket
     /// of `value` in `Duration` holds counts, at most `n`, the sum is that
-    /// of at most `n` of `value`, and every other series is empty.
-    fn assert_only(block: &BlockSnapshot, value: u64, n: u64) {
-        let bucket = SERVICE_DURATION.bounds.partition_point(|&b| b < value);
+    /// of at most `n` of `value`, every other series is empty, and the
+    /// gauge is 0 or `gauge`.
+    fn assert_only(block: &BlockSnapshot, value: u64, n: u64, gauge: u64) {
+        let shown = block.gauge(BlockGauge::AwaitingReply);
         let name = block.labels();
+        assert!(shown == 0 || shown == gauge, "{name:?} shows gauge {shown}");
+        let bucket = SERVICE_DURATION.bounds.partition_point(|&b| b < value);
         for s in Series::ALL.into_iter().filter(|s| s.keyed()) {
             for (i, &c) in block.buckets(s).iter().enumerate() {
                 let own = s == Series::Duration && i == bucket;
@@ -1197,9 +1276,10 @@ mod loom_model {
     }
 
     /// The writer labels block 1 with A, and then, while a scrape merges,
-    /// records, relabels it B, records: the scrape shows the block with A's
-    /// labels and A's counts, with B's and B's, or not at all, never one
-    /// label set with the other's counts. (Labelling a free block is the
+    /// records and sets its gauge, relabels it B, records and sets its
+    /// gauge: the scrape shows the block with A's labels and A's counts and
+    /// gauge, with B's and B's, or not at all, never one label set with the
+    /// other's values. (Labelling a free block is the
     /// same relabel; it is done before the scrape starts only to keep the
     /// model small.)
     #[test]
@@ -1220,17 +1300,19 @@ mod loom_model {
             for _ in 0..N_A {
                 w.observe_in(block, Series::Duration, VALUE_A);
             }
+            w.set_gauge(block, BlockGauge::AwaitingReply, GAUGE_A);
             w.relabel(block, Some(BlockLabels::Key(KEY_B)));
             for _ in 0..N_B {
                 w.observe_in(block, Series::Duration, VALUE_B);
             }
+            w.set_gauge(block, BlockGauge::AwaitingReply, GAUGE_B);
             drop(w);
             let mut snap = scrape.join().unwrap();
             for block in snap.blocks() {
                 match block.labels() {
-                    BlockLabels::Node => assert_only(block, 0, 0),
-                    BlockLabels::Key(KEY_A) => assert_only(block, VALUE_A, N_A),
-                    BlockLabels::Key(KEY_B) => assert_only(block, VALUE_B, N_B),
+                    BlockLabels::Node => assert_only(block, 0, 0, 0),
+                    BlockLabels::Key(KEY_A) => assert_only(block, VALUE_A, N_A, GAUGE_A),
+                    BlockLabels::Key(KEY_B) => assert_only(block, VALUE_B, N_B, GAUGE_B),
                     other => panic!("labels never written: {other:?}"),
                 }
             }
@@ -1241,6 +1323,13 @@ mod loom_model {
                 None => &SAW_NONE,
             };
             saw.fetch_add(1, Ordering::Relaxed);
+            if let Some(b) = snap.blocks().get(1) {
+                if b.labels() == BlockLabels::Key(KEY_A)
+                    && b.gauge(BlockGauge::AwaitingReply) == GAUGE_A
+                {
+                    SAW_GAUGE_A.fetch_add(1, Ordering::Relaxed);
+                }
+            }
 
             set.merge_into(&mut snap);
             let labels: Vec<_> = snap.blocks().iter().map(|b| b.labels()).collect();
@@ -1248,11 +1337,17 @@ mod loom_model {
             let b = &snap.blocks()[1];
             assert_eq!(b.count(Series::Duration), N_B, "a lost count");
             assert_eq!(b.sum(Series::Duration), (N_B * VALUE_B) as f64);
-            assert_only(b, VALUE_B, N_B);
+            assert_only(b, VALUE_B, N_B, GAUGE_B);
+            assert_eq!(b.gauge(BlockGauge::AwaitingReply), GAUGE_B);
         });
         // The model explored the scrape seeing each label set, and catching
         // the block mid-relabel: it is not vacuous.
-        for (what, n) in [("A", &SAW_A), ("B", &SAW_B), ("no label set", &SAW_NONE)] {
+        for (what, n) in [
+            ("A", &SAW_A),
+            ("B", &SAW_B),
+            ("no label set", &SAW_NONE),
+            ("A's gauge", &SAW_GAUGE_A),
+        ] {
             assert!(n.load(Ordering::Relaxed) > 0, "no execution saw {what}");
         }
     }
