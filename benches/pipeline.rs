@@ -227,6 +227,14 @@ fn pipeline(c: &mut Criterion) {
     }
 }
 
+/// `tracker` with `--service-labels` at the default budget, never idle.
+fn with_labels(tracker: FlowTracker) -> FlowTracker {
+    tracker.with_services(ServiceBudget {
+        max_services: 200,
+        idle_ns: u64::MAX,
+    })
+}
+
 fn bench_group(c: &mut Criterion, group: &str, datagrams: &[Slot], events: u64) {
     let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(events));
@@ -242,13 +250,12 @@ fn bench_group(c: &mut Criterion, group: &str, datagrams: &[Slot], events: u64) 
     );
     // The same with --service-labels at the default budget: a Service
     // lookup per DESTROY, and each Service's own block.
-    let labelled = tracker().with_services(ServiceBudget {
-        max_services: 200,
-        idle_ns: u64::MAX,
-    });
+    let labelled = with_labels(tracker());
     let set = ShardSet::with_blocks(1, SummaryWindow::from_minutes(10), labelled.blocks());
     label_overflow_blocks(&set);
     let mut labelled = EventPath::new(0, set.writer(0).unwrap(), labelled, false);
+    // One pass first, so the check below holds when a filter skips this.
+    reader_path(datagrams, &mut labelled);
     g.bench_function("the per-event path with --service-labels", |b| {
         b.iter(|| reader_path(datagrams, &mut labelled))
     });
@@ -261,6 +268,17 @@ fn bench_group(c: &mut Criterion, group: &str, datagrams: &[Slot], events: u64) 
         b.iter(|| reader_path(datagrams, &mut live))
     });
     drop(live);
+    // Both: a Service lookup at each NEW and reply too, for the block the
+    // flow's latencies and its wait for a reply are counted in.
+    let both = with_labels(tracker().with_live_latency(MAX_FLOWS / 4));
+    let both_set = ShardSet::with_blocks(1, SummaryWindow::from_minutes(10), both.blocks());
+    label_overflow_blocks(&both_set);
+    let mut both = EventPath::new(0, both_set.writer(0).unwrap(), both, false);
+    g.bench_function(
+        "the per-event path with --live-latency and --service-labels",
+        |b| b.iter(|| reader_path(datagrams, &mut both)),
+    );
+    drop(both);
     g.finish();
     black_box(path.tracker().flows());
     let s = snapshot(&set);
