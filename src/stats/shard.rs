@@ -1275,10 +1275,10 @@ mod loom_model {
         assert!(sums.into_iter().any(|s| s == sum), "{name:?} sum {sum}");
     }
 
-    /// The writer labels block 1 with A, and then, while a scrape merges,
-    /// records and sets its gauge, relabels it B, records and sets its
-    /// gauge: the scrape shows the block with A's labels and A's counts and
-    /// gauge, with B's and B's, or not at all, never one label set with the
+    /// The writer labels block 1 with A and sets its gauge, and then, while
+    /// a scrape merges, records, relabels it B, records and sets its gauge:
+    /// the scrape shows the block with A's labels and A's counts and gauge,
+    /// with B's and B's, or not at all, never one label set with the
     /// other's values. (Labelling a free block is the
     /// same relabel; it is done before the scrape starts only to keep the
     /// model small.)
@@ -1289,6 +1289,11 @@ mod loom_model {
             let mut w = set.writer(0).unwrap();
             let block = set.block(1).unwrap();
             w.relabel(block, Some(BlockLabels::Key(KEY_A)));
+            // Set before the scrape starts, as the labels are: what the
+            // model must catch is A's gauge under B's labels, which only the
+            // relabel below can cause. (Set concurrently, its load and store
+            // quadrupled the model's executions.)
+            w.set_gauge(block, BlockGauge::AwaitingReply, GAUGE_A);
             let scrape = {
                 let set = Arc::clone(&set);
                 spawn(move || {
@@ -1300,7 +1305,6 @@ mod loom_model {
             for _ in 0..N_A {
                 w.observe_in(block, Series::Duration, VALUE_A);
             }
-            w.set_gauge(block, BlockGauge::AwaitingReply, GAUGE_A);
             w.relabel(block, Some(BlockLabels::Key(KEY_B)));
             for _ in 0..N_B {
                 w.observe_in(block, Series::Duration, VALUE_B);
