@@ -28,7 +28,8 @@
 # 5. Checks every PromQL expression of the dashboard (and each template variable's query)
 #    names only metrics the exporter
 #    exposes: from a real scrape of the exporter run in a network namespace this script
-#    creates (needs root, `ip`, curl), else from docs/metrics.md. container_* names are
+#    creates (needs root, `ip`, curl; with --service-labels and --live-latency, so that
+#    the per-Service and awaiting-reply panels have series), else from docs/metrics.md. container_* names are
 #    cAdvisor's (kubelet), not the exporter's, and are checked against a fixed list.
 #    Before the scrape (with nft and conntrack) it sends 5 HTTP requests through a
 #    DNAT'd ClusterIP in that namespace, so every histogram has observations.
@@ -463,7 +464,7 @@ if [ $live = 1 ]; then
     fi
     ip netns add "$ns"
     ip -n "$ns" link set lo up
-    ip netns exec "$ns" "$EXPORTER" --no-sysctl --node-name validate --service-labels \
+    ip netns exec "$ns" "$EXPORTER" --no-sysctl --node-name validate --service-labels --live-latency \
         --metrics-bind-address 127.0.0.1:19100 >"$tmp/exporter.log" 2>&1 &
     pids+=($!)
     ok=0
