@@ -103,6 +103,19 @@ fn labels<'a>(
     out
 }
 
+/// The labels of a block's key into `out`, cleared first: none for the
+/// node's block.
+fn key_labels_of(
+    key_labels: &dyn KeyLabels,
+    labels: BlockLabels,
+    out: &mut Vec<(&'static str, String)>,
+) {
+    out.clear();
+    if let BlockLabels::Key(k) = labels {
+        key_labels.labels(k, out);
+    }
+}
+
 /// `labels` and one more, last.
 fn with<'a>(labels: &[(&'a str, &'a str)], last: (&'a str, &'a str)) -> Vec<(&'a str, &'a str)> {
     let mut all = Vec::with_capacity(labels.len() + 1);
@@ -231,10 +244,7 @@ impl Exposition {
         }
         let mut key = Vec::new();
         for block in self.snapshot.blocks() {
-            key.clear();
-            if let BlockLabels::Key(k) = block.labels() {
-                self.key_labels.labels(k, &mut key);
-            }
+            key_labels_of(&*self.key_labels, block.labels(), &mut key);
             for &s in &series {
                 block.cumulative(s, &mut self.cumulative);
                 let sum = unit.render(block.sum(s));
@@ -258,10 +268,7 @@ impl Exposition {
         let series = Self::family_series(family);
         let mut key = Vec::new();
         for block in self.snapshot.blocks() {
-            key.clear();
-            if let BlockLabels::Key(k) = block.labels() {
-                self.key_labels.labels(k, &mut key);
-            }
+            key_labels_of(&*self.key_labels, block.labels(), &mut key);
             let own = key.iter().position(|(name, _)| *name == "protocol");
             for &s in &series {
                 let Some(protocol) = s.protocol() else {
@@ -292,10 +299,7 @@ impl Exposition {
         let node = self.options.node.as_str();
         let mut key = Vec::new();
         for block in self.snapshot.blocks() {
-            key.clear();
-            if let BlockLabels::Key(k) = block.labels() {
-                self.key_labels.labels(k, &mut key);
-            }
+            key_labels_of(&*self.key_labels, block.labels(), &mut key);
             let n = block.gauge(BlockGauge::AwaitingReply);
             write_sample(out, &name, "", &labels(None, node, &key), Value::Count(n));
         }

@@ -40,13 +40,12 @@ pub struct FlowState {
     /// only if it started after it.
     pub loss_horizon_ns: u64,
     /// With `--live-latency`: the moment of the flow's NEW, its start as
-    /// far as its events tell (0: its NEW was not taken). In the table of
-    /// unanswered flows, every entry has one.
+    /// far as its events tell. In the table of unanswered flows, every entry
+    /// has one; in the answered flows' table, only a flow whose seen-reply
+    /// latency was observed at the reply ([`Self::observed_live`]); else 0.
     pub started_ns: u64,
-    /// With `--live-latency`: its seen-reply latency was observed at the
-    /// reply, from `started_ns` (its DESTROY does not observe it again).
-    pub live: bool,
-    /// Its FIN latency was observed at the FIN, likewise.
+    /// With `--live-latency`: its FIN latency was observed at the FIN (its
+    /// DESTROY does not observe it again).
     pub fin_observed: bool,
     /// With `--live-latency`, in the table of unanswered flows: the number
     /// of the shard block its Service's series are in (0: the node's, or
@@ -56,6 +55,14 @@ pub struct FlowState {
 }
 
 impl FlowState {
+    /// With `--live-latency`, in the answered flows' table: its seen-reply
+    /// latency was observed at the reply, from `started_ns`, so its DESTROY
+    /// does not observe it again and its FIN latency runs from there too.
+    #[inline]
+    pub fn observed_live(&self) -> bool {
+        self.started_ns != 0
+    }
+
     /// Moment the flow was first seen in a closing TCP state, if it was.
     #[inline]
     pub fn fin_ns(&self) -> Option<u64> {

@@ -819,7 +819,6 @@ impl FlowTracker {
             Some(l) => shard.observe_in(block, Series::SeenReplyLatency, l),
             None => shard.count(Counter::EventsOrderErrors, 1),
         }
-        fresh.live = true;
         fresh.started_ns = new.started_ns;
     }
 }
@@ -829,7 +828,7 @@ impl FlowTracker {
 /// observed yet.
 #[inline]
 fn observe_fin_now(flow: &mut FlowState, block: BlockId, shard: &mut ShardWriter<'_>) {
-    if !flow.live || flow.fin_observed || !flow.fin_complete {
+    if !flow.observed_live() || flow.fin_observed || !flow.fin_complete {
         return;
     }
     let Some(fin) = flow.fin_ns() else {
@@ -939,7 +938,7 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
     // An entry is inserted at its flow's seen-reply moment, so no overrun
     // can come between the two: that moment counts when the flow is whole.
     // A flow observed live (--live-latency) was observed at its reply.
-    if let (Some(at), true, false) = (flow.seen_reply_ns, whole, flow.live) {
+    if let (Some(at), true, false) = (flow.seen_reply_ns, whole, flow.observed_live()) {
         match at.checked_sub(start) {
             Some(l) => shard.observe_in(end.block, Series::SeenReplyLatency, l),
             None => shard.count(Counter::EventsOrderErrors, 1),
@@ -948,7 +947,7 @@ fn observe_destroy(end: &Ended, flow: &FlowState, shard: &mut ShardWriter<'_>) {
     // A live flow's FIN latency runs from its NEW, as observed at the FIN
     // (or here, for a reset that only its DESTROY shows); the throughput
     // takes the same latency.
-    let (begin, measured) = if flow.live {
+    let (begin, measured) = if flow.observed_live() {
         (flow.started_ns, true)
     } else {
         (start, whole)
